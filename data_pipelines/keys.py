@@ -1,0 +1,40 @@
+"""Every AnnData key stimage reads or writes, defined once.
+
+Follows scanpy/squidpy conventions where they exist (``obsm["spatial"]``,
+``uns["spatial"][library_id]["scalefactors"]``, ``obs["array_row"]``). Lives in the
+NumPy-only package so the ONNX runtime writes exactly the same keys as the JAX path.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "SAMPLE", "ARRAY_ROW", "ARRAY_COL", "SPATIAL", "SPATIAL_UNS", "STIMAGE_UNS",
+    "MPP", "SPOT_DIAMETER_UM", "IMAGE_PATH", "LABEL", "TILE_BORDER_FRAC",
+    "VAR_ALEATORIC", "VAR_EPISTEMIC", "Q_LO", "Q_HI", "MEMBER_MEAN",
+    "SPOT_DIAMETER_FULLRES",
+]
+
+# obs
+SAMPLE = "sample"                    # sample / section id, str
+ARRAY_ROW = "array_row"              # spot grid row (int)
+ARRAY_COL = "array_col"              # spot grid column (int)
+LABEL = "pathologist_label"          # HER2ST pathologist annotation, when present
+TILE_BORDER_FRAC = "tile_border_frac"  # fraction of a spot tile that lay outside the image (padded)
+
+# obsm
+SPATIAL = "spatial"                  # full-resolution image pixel (x, y), float
+
+# uns
+SPATIAL_UNS = "spatial"              # uns["spatial"][library_id] = {"scalefactors":..., "metadata":...}
+SPOT_DIAMETER_FULLRES = "spot_diameter_fullres"
+IMAGE_PATH = "image_path"            # uns["spatial"][lib]["metadata"]["image_path"]
+STIMAGE_UNS = "stimage"              # uns["stimage"]: mpp, spot_diameter_um, provenance
+MPP = "mpp"                          # µm per full-resolution pixel
+SPOT_DIAMETER_UM = "spot_diameter_um"
+
+# layers written by prediction
+VAR_ALEATORIC = "var_aleatoric"      # mean over members of NB variance
+VAR_EPISTEMIC = "var_epistemic"      # variance over members of NB mean
+Q_LO = "q_lo"
+Q_HI = "q_hi"
+MEMBER_MEAN = "member_mean"          # obsm: (n_spots, members, genes), optional
