@@ -1,0 +1,52 @@
+"""Per-gene metrics against scipy, and their bad-input behaviour."""
+
+import anndata as ad
+import numpy as np
+import pandas as pd
+import pytest
+from scipy.stats import pearsonr, spearmanr
+
+from data_pipelines.errors import StimageError
+from stimage_jax.metrics import evaluate, pearson_per_gene, spearman_per_gene, summarise
+
+
+def test_correlations_match_scipy(rng):
+    p = rng.normal(size=(50, 6))
+    t = p * 0.5 + rng.normal(size=(50, 6))
+    t[:, 3] = rng.poisson(1.0, size=50)  # ties for Spearman
+    for j in range(6):
+        assert pearson_per_gene(p, t)[j] == pytest.approx(pearsonr(p[:, j], t[:, j])[0], abs=1e-12)
+        assert spearman_per_gene(p, t)[j] == pytest.approx(spearmanr(p[:, j], t[:, j])[0], abs=1e-12)
+
+
+def test_constant_gene_is_nan_not_crash(rng):
+    p = rng.normal(size=(10, 2))
+    t = np.c_[np.zeros(10), rng.normal(size=10)]
+    r = pearson_per_gene(p, t)
+    assert np.isnan(r[0]) and np.isfinite(r[1])
+
+
+def _ad(x, spots, genes, sample):
+    a = ad.AnnData(np.asarray(x, np.float32), obs=pd.DataFrame({"sample": sample}, index=spots),
+                   var=pd.DataFrame(index=genes))
+    return a
+
+
+def test_evaluate_per_sample_and_missing_genes(rng):
+    spots = [f"s{i}" for i in range(40)]
+    truth = _ad(rng.poisson(3, size=(40, 3)), spots, ["A", "B", "C"], ["x"] * 20 + ["y"] * 20)
+    pred = _ad(np.asarray(truth.X) + rng.normal(size=(40, 3)), spots, ["A", "B", "Z"], ["x"] * 40)
+    table, missing = evaluate(pred, truth)
+    assert missing == ["Z"]
+    assert set(table["sample"]) == {"x", "y"} and len(table) == 4
+    row = table[(table["sample"] == "y") & (table["gene"] == "B")].iloc[0]
+    assert row["pcc"] == pytest.approx(pearsonr(pred.X[20:, 1], truth.X[20:, 1])[0], abs=1e-6)
+    s = summarise(table)
+    assert s["rows"] == 4 and s["n_nan"] == 0
+
+
+def test_evaluate_no_common_spots():
+    a = _ad(np.ones((2, 1)), ["a", "b"], ["G"], ["x", "x"])
+    b = _ad(np.ones((2, 1)), ["c", "d"], ["G"], ["x", "x"])
+    with pytest.raises(StimageError, match="no spot"):
+        evaluate(a, b)
