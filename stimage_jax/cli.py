@@ -1,0 +1,234 @@
+"""``stimage`` command line: parses arguments and calls the library, nothing more.
+
+Bad input raises :class:`StimageError`; it is printed as one ``stimage: error:`` line
+and the exit status is 2. Outputs are written atomically and never overwrite an existing
+file without ``--overwrite``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from pathlib import Path
+
+from data_pipelines.errors import StimageError
+
+__all__ = ["main", "build_parser", "default_shared"]
+
+
+def default_shared() -> Path:
+    """``$STIMAGE_SHARED``, else the ``shared`` folder beside the project checkout."""
+    env = os.environ.get("STIMAGE_SHARED")
+    return Path(env) if env else Path(__file__).resolve().parents[2] / "shared"
+
+
+def _csv(s: str) -> list[str]:
+    return [x.strip() for x in s.split(",") if x.strip()]
+
+
+def cmd_read(a) -> None:
+    from data_pipelines.io import check_writable, write_h5ad
+    from data_pipelines.slides import read_her2st, read_visium
+
+    if a.format == "her2st":
+        out = Path(a.out)
+        sections = _csv(a.sections)
+        targets = [out / f"{s}.h5ad" for s in sections]
+        for t in targets:  # refuse before reading anything
+            check_writable(t, a.overwrite)
+        for s, t in zip(sections, targets):
+            adata = read_her2st(a.path, s, require_image=not a.allow_missing_image)
+            write_h5ad(adata, t, overwrite=a.overwrite)
+            print(f"{s}: {adata.n_obs} spots x {adata.n_vars} genes -> {t}")
+    else:
+        check_writable(a.out, a.overwrite)
+        adata = read_visium(a.path, image=a.image)
+        write_h5ad(adata, a.out, overwrite=a.overwrite)
+        print(f"{adata.n_obs} spots x {adata.n_vars} genes -> {a.out}")
+
+
+def _train_config(a):
+    from stimage_jax.ensemble.train import TrainConfig
+
+    return TrainConfig(lr=a.lr, batch_size=a.batch_size, max_epochs=a.max_epochs,
+                       patience=a.patience, loss=a.loss)
+
+
+def cmd_train(a) -> None:
+    from stimage_jax.pipeline import train
+
+    model = train(a.data, a.workdir, genes=a.genes, backbone=a.backbone, weights=a.weights,
+                  members=a.members, fine_tune=a.fine_tune, tile_um=a.tile_um, tile_px=a.tile_px,
+                  val_samples=_csv(a.val_samples) if a.val_samples else None,
+                  config=_train_config(a), seed=a.seed, progress=not a.quiet, overwrite=a.overwrite)
+    print(f"trained {model.config['members']} member(s) on {', '.join(model.config['training_samples'])} "
+          f"({len(model.genes)} genes, backbone {model.config['backbone']}) -> {Path(a.workdir) / 'model'}")
+
+
+def cmd_predict(a) -> None:
+    from data_pipelines.io import check_writable, write_h5ad
+    from data_pipelines.slides import read_h5ad
+    from stimage_jax.ensemble.model import EnsembleModel
+    from stimage_jax.pipeline import predict
+
+    check_writable(a.out, a.overwrite)
+    model = EnsembleModel.load(a.model)
+    pred = predict(read_h5ad(a.data), model, batch_size=a.batch_size, progress=not a.quiet)
+    write_h5ad(pred, a.out, overwrite=a.overwrite)
+    print(f"predicted {pred.n_vars} genes for {pred.n_obs} spots -> {a.out}")
+
+
+def _evaluate(pred_path, truth_path, out, overwrite, plot=None, plot_genes=None):
+    from data_pipelines.io import atomic_path, check_writable
+    from data_pipelines.slides import read_h5ad
+    from stimage_jax.metrics import evaluate, summarise
+
+    check_writable(out, overwrite)
+    if not Path(pred_path).is_file():
+        raise StimageError(f"prediction file {pred_path} not found")
+    import anndata as ad
+
+    pred, truth = ad.read_h5ad(pred_path), read_h5ad(truth_path)
+    table, missing = evaluate(pred, truth)
+    with atomic_path(out, overwrite=overwrite) as tmp:
+        table.to_csv(tmp, index=False)
+    s = summarise(table)
+    if missing:
+        print(f"{len(missing)} predicted gene(s) absent from the truth, not scored: {', '.join(missing)}")
+    print(f"{s['rows']} sample x gene rows: mean PCC {s['mean_pcc']:.3f}, median PCC {s['median_pcc']:.3f}, "
+          f"mean Spearman {s['mean_spearman']:.3f}, PCC > 0 for {s['n_pcc_positive']}, NaN {s['n_nan']} -> {out}")
+    if plot:
+        from stimage_jax.plots import plot_spatial_genes
+
+        genes = plot_genes or list(table.sort_values("pcc", ascending=False)["gene"].drop_duplicates()[:2])
+        plot_spatial_genes(pred, truth, genes, plot, overwrite=overwrite)
+        print(f"spatial maps of {', '.join(genes)} -> {plot}")
+    return table
+
+
+def cmd_evaluate(a) -> None:
+    _evaluate(a.pred, a.truth, a.out, a.overwrite, a.plot, _csv(a.plot_genes) if a.plot_genes else None)
+
+
+def cmd_quickstart(a) -> None:
+    """The README's main job: HER2ST C2–C6, train on four sections, predict the fifth."""
+    from data_pipelines.io import write_h5ad
+    from data_pipelines.slides import read_her2st
+    from stimage_jax.ensemble.train import TrainConfig
+    from stimage_jax.pipeline import train
+
+    root = Path(a.shared) / "data" / "her2st"
+    wd = Path(a.workdir)
+    sections = _csv(a.sections)
+    if a.test_section not in sections:
+        raise StimageError(f"--test-section {a.test_section} is not among --sections {a.sections}")
+    paths = {}
+    for s in sections:
+        p = wd / "data" / f"{s}.h5ad"
+        if not p.exists():
+            write_h5ad(read_her2st(root, s, require_image=True), p)
+        paths[s] = p
+    train_secs = [s for s in sections if s != a.test_section]
+    print(f"[1/3] training on {', '.join(train_secs)} (validation {train_secs[-1]}), genes: {a.genes}")
+    model = train([paths[s] for s in train_secs], wd / "model_run", genes=a.genes, backbone=a.backbone,
+                  members=a.members, config=TrainConfig(lr=a.lr, max_epochs=a.max_epochs),
+                  progress=not a.quiet)
+    print(f"[2/3] predicting {a.test_section}")
+    from stimage_jax.pipeline import predict
+    from data_pipelines.slides import read_h5ad
+
+    pred = predict(read_h5ad(paths[a.test_section]), model, progress=not a.quiet)
+    write_h5ad(pred, wd / f"{a.test_section}_pred.h5ad", overwrite=True)
+    print(f"[3/3] evaluating {a.test_section}")
+    _evaluate(wd / f"{a.test_section}_pred.h5ad", paths[a.test_section], wd / "metrics.csv", True,
+              plot=wd / "spatial_maps.png")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="stimage", description=__doc__.splitlines()[0])
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    r = sub.add_parser("read", help="read spatial transcriptomics into .h5ad")
+    r.add_argument("format", choices=["her2st", "visium"])
+    r.add_argument("path", help="HER2ST root folder, or a Space Ranger output folder")
+    r.add_argument("--sections", default="C2,C3,C4,C5,C6", help="HER2ST sections (comma separated)")
+    r.add_argument("--out", required=True, help="folder (her2st) or .h5ad file (visium)")
+    r.add_argument("--image", help="Visium full-resolution image (default: the hires PNG)")
+    r.add_argument("--allow-missing-image", action="store_true",
+                   help="HER2ST: read counts of sections without an H&E image")
+    r.add_argument("--overwrite", action="store_true")
+    r.set_defaults(func=cmd_read)
+
+    t = sub.add_parser("train", help="train an NB regression ensemble")
+    t.add_argument("--data", nargs="+", required=True, help=".h5ad files (one or more samples each)")
+    t.add_argument("--genes", default="markers", help="markers | top-hvg:N | file:PATH | G1,G2,...")
+    t.add_argument("--backbone", default="efficientnet_lite0")
+    t.add_argument("--weights", help="pretrained weights (safetensors; .pth with torch installed)")
+    t.add_argument("--members", type=int, default=1)
+    t.add_argument("--fine-tune", action="store_true", help="train the backbone too (slow on CPU)")
+    t.add_argument("--val-samples", help="samples used for early stopping (default: the last one)")
+    t.add_argument("--tile-um", type=float, help="tile side in µm (default: spot diameter)")
+    t.add_argument("--tile-px", type=int, default=299)
+    t.add_argument("--lr", type=float, default=1e-4)
+    t.add_argument("--batch-size", type=int, default=64)
+    t.add_argument("--max-epochs", type=int, default=200)
+    t.add_argument("--patience", type=int, default=10)
+    t.add_argument("--loss", default="nb", choices=["nb", "mse_log1p"])
+    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--workdir", required=True)
+    t.add_argument("--overwrite", action="store_true", help="replace a different run in --workdir")
+    t.set_defaults(func=cmd_train)
+
+    pr = sub.add_parser("predict", help="predict expression for the spots of an .h5ad")
+    pr.add_argument("--model", required=True, help="training workdir (or its model/ folder)")
+    pr.add_argument("--data", required=True)
+    pr.add_argument("--out", required=True)
+    pr.add_argument("--batch-size", type=int, default=32)
+    pr.add_argument("--overwrite", action="store_true")
+    pr.set_defaults(func=cmd_predict)
+
+    e = sub.add_parser("evaluate", help="score predictions against observed counts")
+    e.add_argument("--pred", required=True)
+    e.add_argument("--truth", required=True)
+    e.add_argument("--out", required=True, help="metrics CSV, one row per sample and gene")
+    e.add_argument("--plot", help="PNG of observed vs predicted maps")
+    e.add_argument("--plot-genes", help="genes to plot (default: the two best by PCC)")
+    e.add_argument("--overwrite", action="store_true")
+    e.set_defaults(func=cmd_evaluate)
+
+    q = sub.add_parser("quickstart", help="the main job on the shipped HER2ST data")
+    q.add_argument("--shared", default=str(default_shared()), help="the shared/ data folder")
+    q.add_argument("--workdir", default="runs/quickstart")
+    q.add_argument("--sections", default="C2,C3,C4,C5,C6")
+    q.add_argument("--test-section", default="C6")
+    q.add_argument("--genes", default="markers")
+    q.add_argument("--backbone", default="efficientnet_lite0")
+    q.add_argument("--members", type=int, default=1)
+    q.add_argument("--lr", type=float, default=1e-4)
+    q.add_argument("--max-epochs", type=int, default=200)
+    q.set_defaults(func=cmd_quickstart)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO,
+                        format="%(levelname)s %(message)s")
+    for noisy in ("absl", "jax", "orbax"):
+        logging.getLogger(noisy).setLevel(logging.ERROR)
+    try:
+        args.func(args)
+    except StimageError as e:
+        print(f"stimage: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("stimage: interrupted (rerun the same command to resume)", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
