@@ -82,8 +82,8 @@ class EnsembleModel:
         tmp.mkdir(parents=True)
         ckptr = ocp.StandardCheckpointer()
         if self.backbone is not None:
-            ckptr.save(tmp / "backbone", _host(nnx.state(self.backbone).to_pure_dict()))
-        ckptr.save(tmp / "members", _stack([_host(nnx.state(m).to_pure_dict()) for m in self.members]))
+            ckptr.save(tmp / "backbone", _host(nnx.to_pure_dict(nnx.state(self.backbone))))
+        ckptr.save(tmp / "members", _stack([_host(nnx.to_pure_dict(nnx.state(m))) for m in self.members]))
         ckptr.wait_until_finished()
         (tmp / "model.json").write_text(json.dumps(self.config, indent=1))
         if model_dir.exists():
@@ -120,10 +120,10 @@ class EnsembleModel:
         backbone = None
         if not cfg["fine_tune"]:
             backbone = create_backbone(cfg["backbone"], rngs=rngs)
-            _load_into(backbone, restore(model_dir / "backbone", nnx.state(backbone).to_pure_dict()))
+            _load_into(backbone, restore(model_dir / "backbone", nnx.to_pure_dict(nnx.state(backbone))))
             backbone.eval()
         template = build_member(cfg, rngs=rngs)
-        like = nnx.state(template).to_pure_dict()
+        like = nnx.to_pure_dict(nnx.state(template))
         m = cfg["members"]
         stacked = restore(model_dir / "members",
                           jax.tree.map(lambda a: np.zeros((m, *np.shape(_host(a))), _host(a).dtype), like))
@@ -174,6 +174,6 @@ def _load_into(module, pure: dict) -> None:
         if hasattr(t, "dtype") and jax.dtypes.issubdtype(t.dtype, jax.dtypes.prng_key):
             return jax.random.wrap_key_data(jnp.asarray(v))
         return jnp.asarray(v)
-    pure = jax.tree.map(fix, state.to_pure_dict(), pure)
+    pure = jax.tree.map(fix, nnx.to_pure_dict(state), pure)
     nnx.replace_by_pure_dict(state, pure)
     nnx.update(module, state)

@@ -125,9 +125,9 @@ def fit_member(model, x_train, y_train, x_val=None, y_val=None, *, key: jax.Arra
                                      options=ocp.CheckpointManagerOptions(max_to_keep=1))
         step = mngr.latest_step()
         if step is not None:
-            target = {"model": nnx.state(model).to_pure_dict(),
-                      "opt": nnx.state(optimizer).to_pure_dict(),
-                      "best": best_params.to_pure_dict(),
+            target = {"model": nnx.to_pure_dict(nnx.state(model)),
+                      "opt": nnx.to_pure_dict(nnx.state(optimizer)),
+                      "best": nnx.to_pure_dict(best_params),
                       "meta": {k: np.asarray(v, np.float64) for k, v in meta.items()},
                       "history": np.zeros((step, 3))}
             try:
@@ -153,9 +153,9 @@ def fit_member(model, x_train, y_train, x_val=None, y_val=None, *, key: jax.Arra
         saved["step"] = meta["epoch"]
         hist = np.asarray([[h["epoch"], h["train_loss"], h["val_loss"]] for h in history], np.float64)
         mngr.save(meta["epoch"], force=True, args=ocp.args.StandardSave({
-            "model": _pure(nnx.state(model).to_pure_dict()),
-            "opt": _pure(nnx.state(optimizer).to_pure_dict()),
-            "best": _pure(best_params.to_pure_dict()),
+            "model": _pure(nnx.to_pure_dict(nnx.state(model))),
+            "opt": _pure(nnx.to_pure_dict(nnx.state(optimizer))),
+            "best": _pure(nnx.to_pure_dict(best_params)),
             "meta": {k: np.asarray(v, np.float64) for k, v in meta.items()},
             "history": hist.reshape(-1, 3)}))
         mngr.wait_until_finished()

@@ -1,0 +1,84 @@
+"""Member training: learns a known NB model, stops early, resumes bit-identically."""
+
+import jax
+import numpy as np
+import pytest
+from flax import nnx
+
+from data_pipelines.errors import StimageError
+from stimage_jax.ensemble.train import TrainConfig, fit_member
+from stimage_jax.nb.head import NBHead, init_head_from_data
+
+
+@pytest.fixture
+def nb_data(rng):
+    n, d, g = 500, 12, 4
+    x = rng.normal(size=(n, d)).astype(np.float32)
+    w = rng.normal(size=(d, g)) * 0.3
+    mu = np.exp(1.0 + x @ w)
+    y = rng.negative_binomial(3.0, 3.0 / (3.0 + mu)).astype(np.float32)
+    return x, y, w
+
+
+def _head(x, y, seed=0, dropout=0.0):
+    h = NBHead(x.shape[1], y.shape[1], rngs=nnx.Rngs(seed), dropout=dropout)
+    return init_head_from_data(h, x, y)
+
+
+def test_recovers_generating_weights_and_dispersion(nb_data):
+    x, y, w = nb_data
+    # No validation: train to convergence, so the fit is the maximum-likelihood one.
+    h, hist = fit_member(_head(x, y), x, y, key=jax.random.key(0),
+                         config=TrainConfig(lr=1e-2, max_epochs=200), progress=False)
+    learned = np.asarray(h.mu_out.kernel[...]) / np.asarray(h.feat_scale[...])[:, None]
+    assert np.corrcoef(learned.ravel(), w.ravel())[0, 1] > 0.95
+    r = np.exp(np.asarray(h.r_out.bias[...]))
+    assert np.all((r > 2.0) & (r < 4.5)), r  # simulated dispersion 3
+    assert hist[-1]["train_loss"] < hist[0]["train_loss"]
+
+
+def test_early_stopping_restores_best(nb_data):
+    x, y, _ = nb_data
+    cfg = TrainConfig(lr=0.3, max_epochs=60, patience=3)  # too large a step: overfits/oscillates fast
+    h, hist = fit_member(_head(x[:50], y[:50]), x[:50], y[:50], x[400:], y[400:],
+                         key=jax.random.key(1), config=cfg, progress=False)
+    vals = [r["val_loss"] for r in hist]
+    best = int(np.argmin(vals))
+    assert len(hist) == best + 1 + cfg.patience < cfg.max_epochs
+    from stimage_jax.ensemble.train import evaluate_loss
+    assert evaluate_loss(h, x[400:], y[400:], cfg) == pytest.approx(vals[best], rel=1e-5)
+
+
+def test_killed_run_resumes_identically(nb_data, tmp_path):
+    x, y, _ = nb_data
+    cfg = TrainConfig(lr=1e-2, max_epochs=6, patience=100, checkpoint_every=1)
+    ref, ref_hist = fit_member(_head(x, y, dropout=0.2), x[:400], y[:400], x[400:], y[400:],
+                               key=jax.random.key(2), config=cfg, progress=False)
+
+    def kill(epoch, _):
+        if epoch == 2:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        fit_member(_head(x, y, dropout=0.2), x[:400], y[:400], x[400:], y[400:], key=jax.random.key(2),
+                   config=cfg, ckpt_dir=tmp_path / "m", progress=False, on_epoch=kill)
+    seen = []
+    got, hist = fit_member(_head(x, y, dropout=0.2), x[:400], y[:400], x[400:], y[400:], key=jax.random.key(2),
+                           config=cfg, ckpt_dir=tmp_path / "m", progress=False,
+                           on_epoch=lambda e, _: seen.append(e))
+    assert seen == [3, 4, 5]  # continued after the checkpoint of epoch 2
+    assert [h["val_loss"] for h in hist] == pytest.approx([h["val_loss"] for h in ref_hist], rel=1e-6)
+    np.testing.assert_array_equal(np.asarray(got.mu_out.kernel[...]), np.asarray(ref.mu_out.kernel[...]))
+
+
+def test_truncated_checkpoint_is_a_clear_error(nb_data, tmp_path):
+    x, y, _ = nb_data
+    cfg = TrainConfig(lr=1e-2, max_epochs=2, checkpoint_every=1)
+    fit_member(_head(x, y), x[:100], y[:100], key=jax.random.key(0), config=cfg,
+               ckpt_dir=tmp_path / "m", progress=False)
+    for f in (tmp_path / "m").rglob("*"):
+        if f.is_file() and f.stat().st_size > 64 and "ocdbt" not in f.name and f.suffix != ".json":
+            f.write_bytes(f.read_bytes()[: f.stat().st_size // 2])
+    with pytest.raises(StimageError, match="unreadable"):
+        fit_member(_head(x, y), x[:100], y[:100], key=jax.random.key(0), config=cfg,
+                   ckpt_dir=tmp_path / "m", progress=False)
