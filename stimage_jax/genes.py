@@ -30,7 +30,7 @@ def top_hvg(adatas, n: int, min_frac: float = 0.1) -> list[str]:
 
     Genes detected in fewer than ``min_frac`` of spots are dropped first. Variability is
     Seurat's normalised dispersion: counts scaled to 10^4 per spot, log1p; dispersion
-    var/mean of the expression, z-scored within 20 bins of mean expression. Only genes
+    var/mean of the expression, z-scored within (up to) 20 quantile bins of mean expression. Only genes
     common to all samples are candidates.
     """
     common = sorted(set.intersection(*(set(a.var_names) for a in adatas)))
@@ -51,7 +51,10 @@ def top_hvg(adatas, n: int, min_frac: float = 0.1) -> list[str]:
     sq = np.asarray(E.multiply(E).mean(0)).ravel()
     var = np.maximum(sq - mean**2, 0) * X.shape[0] / max(X.shape[0] - 1, 1)
     disp = np.log(np.maximum(var, 1e-12) / np.maximum(mean, 1e-12))
-    edges = np.quantile(mean, np.linspace(0, 1, 21)[1:-1])
+    # Up to 20 bins with >= 50 genes each: a bin of one or two genes has no spread to
+    # z-score against, and would rank its genes arbitrarily.
+    n_bins = int(np.clip(len(mean) // 50, 1, 20))
+    edges = np.quantile(mean, np.linspace(0, 1, n_bins + 1)[1:-1])
     bins = np.digitize(mean, edges)
     z = np.zeros_like(disp)
     for b in np.unique(bins):
