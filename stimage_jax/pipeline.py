@@ -36,7 +36,7 @@ from stimage_jax.features.registry import BACKBONES, DEFAULT_WEIGHTS, create_bac
 from stimage_jax.genes import check_genes, select_genes
 from stimage_jax.nb.head import init_head_from_data
 
-__all__ = ["train", "predict", "split_samples", "counts_matrix"]
+__all__ = ["train", "predict", "split_samples", "counts_matrix", "sample_features"]
 
 log = logging.getLogger("stimage")
 
@@ -81,14 +81,15 @@ def _tile_um(adatas, tile_um):
     return ums.pop()
 
 
-def _features(backbone, adatas, geometry, weights_fp, workdir, batch_size, progress):
+def sample_features(backbone, adatas, geometry, weights_fp, cache: Path, batch_size=32, progress=True):
+    """Per-sample (N_s, D) features of spot tiles, both cached under ``cache``."""
     feats = []
     for a in adatas:
         s = _sample_id(a)
         tiles = spot_tiles(a, tile_um=geometry["tile_um"], tile_px=geometry["tile_px"],
-                           cache_dir=workdir / "cache" / "tiles", progress=progress)
+                           cache_dir=cache / "tiles", progress=progress)
         name = f"{s}__{geometry['backbone']}__{weights_fp}__{geometry['tile_um']:g}um{geometry['tile_px']}px.npy"
-        feats.append(cached_features(backbone, tiles, workdir / "cache" / "features" / name,
+        feats.append(cached_features(backbone, tiles, cache / "features" / name,
                                      batch_size=batch_size, progress=progress, desc=f"features {s}"))
     return feats
 
@@ -99,12 +100,13 @@ def train(data, workdir: str | os.PathLike, *, genes: str = "markers",
           tile_px: int = 299, val_samples: list[str] | None = None,
           config: TrainConfig = TrainConfig(), head_hidden: int = 0, dropout: float = 0.0,
           seed: int = 0, feature_batch_size: int = 32, progress: bool = True,
-          overwrite: bool = False) -> EnsembleModel:
+          overwrite: bool = False, cache_dir: str | os.PathLike | None = None) -> EnsembleModel:
     """Train an ensemble of ``members`` NB models; return it (also saved in ``workdir/model``).
 
     data: .h5ad paths or AnnData objects (one or more samples each). Validation (early
     stopping) uses whole samples: ``val_samples``, or by default the last training sample
-    when there are at least two; never spots of a training sample.
+    when there are at least two; never spots of a training sample. Tiles and features are
+    cached under ``cache_dir`` (default ``workdir/cache``; share one across runs to reuse them).
     """
     if members < 1:
         raise StimageError(f"--members must be >= 1 (got {members})")
@@ -150,8 +152,9 @@ def train(data, workdir: str | os.PathLike, *, genes: str = "markers",
                     "initialisation (pass --weights FILE)", backbone)
     rngs = nnx.Rngs(seed)
     bb = create_backbone(backbone, rngs=rngs, weights=weights)
-    feats = _features(bb, adatas, geometry, request["weights_fingerprint"], workdir,
-                      feature_batch_size, progress)
+    cache = Path(cache_dir).absolute() if cache_dir is not None else workdir / "cache"
+    feats = sample_features(bb, adatas, geometry, request["weights_fingerprint"], cache,
+                            feature_batch_size, progress)
     is_val = [s in val_samples for s in sample_ids]
     counts = [counts_matrix(a, gene_list) for a in adatas]
     pick = lambda xs, v: np.concatenate([x for x, f in zip(xs, is_val) if f == v]) if any(f == v for f in is_val) else None
@@ -160,7 +163,7 @@ def train(data, workdir: str | os.PathLike, *, genes: str = "markers",
         raise StimageError("every sample is a validation sample: nothing left to train on")
     if fine_tune:
         tiles = [np.asarray(spot_tiles(a, tile_um=geometry["tile_um"], tile_px=geometry["tile_px"],
-                                       cache_dir=workdir / "cache" / "tiles", progress=False)) for a in adatas]
+                                       cache_dir=cache / "tiles", progress=False)) for a in adatas]
         x_tr, x_va = pick(tiles, False), pick(tiles, True)
     else:
         x_tr, x_va = f_tr, f_va

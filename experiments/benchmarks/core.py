@@ -1,0 +1,112 @@
+"""Core benchmark (issue 2): one JSON line.
+
+- ``features_tiles_per_s``: backbone forward throughput at 299², batch 32, per backbone;
+- ``head_spot_updates_per_s``: NB-head training on cached features (spots × epochs / s);
+- leave-one-section-out on HER2ST C2–C6 with EfficientNet-Lite0 features, top-50 HVGs
+  chosen on each fold's training sections: mean per-gene PCC of the NB head and of the
+  HEST ridge baseline on identical features and folds, per fold and overall.
+
+Usage: python experiments/benchmarks/core.py [--workdir runs/bench_core] [--genes top-hvg:50]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import jax
+import numpy as np
+from flax import nnx
+
+from data_pipelines.io import write_h5ad
+from data_pipelines.slides import read_h5ad, read_her2st
+from stimage_jax.baselines import apply_ridge, fit_ridge
+from stimage_jax.ensemble.train import TrainConfig, fit_member
+from stimage_jax.features.extract import extract_features, weights_fingerprint
+from stimage_jax.features.registry import DEFAULT_WEIGHTS, create_backbone
+from stimage_jax.genes import select_genes
+from stimage_jax.metrics import pearson_per_gene
+from stimage_jax.nb.head import NBHead, init_head_from_data
+from stimage_jax.pipeline import counts_matrix, predict, sample_features, train
+
+SECTIONS = ["C2", "C3", "C4", "C5", "C6"]
+
+
+def forward_speed(name: str, n: int, batch: int = 32) -> float:
+    bb = create_backbone(name, rngs=nnx.Rngs(0))
+    tiles = np.random.default_rng(0).integers(0, 255, (n, 299, 299, 3), dtype=np.uint8)
+    extract_features(bb, tiles[:batch], batch_size=batch, progress=False)  # compile
+    t = time.perf_counter()
+    extract_features(bb, tiles, batch_size=batch, progress=False)
+    return n / (time.perf_counter() - t)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--workdir", default="runs/bench_core")
+    ap.add_argument("--shared", default=os.environ.get("STIMAGE_SHARED", str(Path(__file__).resolve().parents[3] / "shared")))
+    ap.add_argument("--genes", default="top-hvg:50")
+    ap.add_argument("--lr", type=float, default=1e-4)
+    ap.add_argument("--max-epochs", type=int, default=200)
+    ap.add_argument("--speed-tiles", type=int, default=64)
+    args = ap.parse_args()
+    wd = Path(args.workdir)
+    out: dict = {"benchmark": "core", "backend": jax.default_backend(), "genes": args.genes}
+
+    out["features_tiles_per_s"] = {b: round(forward_speed(b, args.speed_tiles), 2)
+                                   for b in ("efficientnet_lite0", "resnet50")}
+
+    paths = {}
+    for s in SECTIONS:
+        p = wd / "data" / f"{s}.h5ad"
+        if not p.exists():
+            write_h5ad(read_her2st(Path(args.shared) / "data" / "her2st", s, require_image=True), p)
+        paths[s] = p
+    adatas = {s: read_h5ad(p) for s, p in paths.items()}
+    weights = DEFAULT_WEIGHTS["efficientnet_lite0"]
+    bb = create_backbone("efficientnet_lite0", rngs=nnx.Rngs(0), weights=weights)
+    geometry = {"backbone": "efficientnet_lite0", "tile_um": 100.0, "tile_px": 299}
+    feats = dict(zip(SECTIONS, sample_features(bb, [adatas[s] for s in SECTIONS], geometry,
+                                               weights_fingerprint(weights), wd / "cache", progress=False)))
+
+    # head training throughput on cached features (all 910 spots, 14 markers, 20 epochs)
+    genes = select_genes("markers", list(adatas.values()))
+    x = np.concatenate([feats[s] for s in SECTIONS])
+    y = np.concatenate([counts_matrix(adatas[s], genes) for s in SECTIONS])
+    head = init_head_from_data(NBHead(x.shape[1], len(genes), rngs=nnx.Rngs(0)), x, y)
+    fit_member(head, x, y, key=jax.random.key(0), config=TrainConfig(max_epochs=1), progress=False)
+    t = time.perf_counter()
+    fit_member(head, x, y, key=jax.random.key(0), config=TrainConfig(max_epochs=20), progress=False)
+    out["head_spot_updates_per_s"] = round(20 * len(x) / (time.perf_counter() - t), 1)
+
+    folds = []
+    for test in SECTIONS:
+        tr = [s for s in SECTIONS if s != test]
+        t0 = time.perf_counter()
+        model = train([adatas[s] for s in tr], wd / f"fold_{test}", genes=args.genes,
+                      backbone="efficientnet_lite0", config=TrainConfig(lr=args.lr, max_epochs=args.max_epochs),
+                      cache_dir=wd / "cache", progress=False)
+        g = model.genes
+        truth = counts_matrix(adatas[test], g)
+        nb_mean = np.asarray(predict(adatas[test], model, progress=False, tiles=None).X)
+        ridge = fit_ridge(np.concatenate([feats[s] for s in tr]),
+                          np.concatenate([counts_matrix(adatas[s], g) for s in tr]), g)
+        ridge_pred = apply_ridge(ridge, feats[test])
+        pcc_nb, pcc_ridge = pearson_per_gene(nb_mean, truth), pearson_per_gene(ridge_pred, truth)
+        folds.append({"test": test, "nb_mean_pcc": round(float(np.nanmean(pcc_nb)), 4),
+                      "ridge_mean_pcc": round(float(np.nanmean(pcc_ridge)), 4),
+                      "best_epoch": model.config["best_epochs"][0], "seconds": round(time.perf_counter() - t0, 1)})
+        print(json.dumps(folds[-1]), file=sys.stderr)
+    out["loso_folds"] = folds
+    out["loso_nb_mean_pcc"] = round(float(np.mean([f["nb_mean_pcc"] for f in folds])), 4)
+    out["loso_ridge_mean_pcc"] = round(float(np.mean([f["ridge_mean_pcc"] for f in folds])), 4)
+    out["nb_over_ridge"] = round(out["loso_nb_mean_pcc"] / out["loso_ridge_mean_pcc"], 3)
+    print(json.dumps(out))
+
+
+if __name__ == "__main__":
+    main()
