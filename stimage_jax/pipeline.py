@@ -27,9 +27,9 @@ from data_pipelines.errors import StimageError
 from data_pipelines.io import atomic_path
 from data_pipelines.slides import read_h5ad
 from data_pipelines.tiles import spot_tiles
+from export.moments import ensemble_moments_np, predictive_interval
 from stimage_jax import __version__
 from stimage_jax.ensemble.model import MODEL_FORMAT, EnsembleModel, STimageNet, build_member
-from stimage_jax.ensemble.moments import ensemble_moments
 from stimage_jax.ensemble.train import TrainConfig, fit_member
 from stimage_jax.features.extract import cached_features, weights_fingerprint
 from stimage_jax.features.registry import BACKBONES, DEFAULT_WEIGHTS, create_backbone
@@ -201,10 +201,12 @@ def train(data, workdir: str | os.PathLike, *, genes: str = "markers",
 
 
 def predict(adata: ad.AnnData, model: EnsembleModel, *, batch_size: int = 32,
-            progress: bool = True, tiles: np.ndarray | None = None) -> ad.AnnData:
+            progress: bool = True, tiles: np.ndarray | None = None,
+            interval: float = 0.8) -> ad.AnnData:
     """Predict NB moments for every spot of ``adata`` → a new AnnData.
 
-    X = ensemble mean; layers var_aleatoric, var_epistemic (zeros for one member);
+    X = ensemble mean; layers var_aleatoric, var_epistemic (zeros for one member), q_lo and
+    q_hi (the central ``interval`` of the members' NB mixture);
     same obs, obsm["spatial"] and uns["spatial"] as the input; uns["stimage"] provenance.
     """
     cfg = model.config
@@ -214,10 +216,13 @@ def predict(adata: ad.AnnData, model: EnsembleModel, *, batch_size: int = 32,
         raise StimageError(f"tiles have shape {tiles.shape[1:]}, the model expects "
                            f"({cfg['tile_px']}, {cfg['tile_px']}, 3)")
     mu, r = model.member_params(tiles, batch_size=batch_size, progress=progress)
-    mom = {k: np.asarray(v, np.float32) for k, v in ensemble_moments(mu, r).items()}
+    mom = {k: v.astype(np.float32) for k, v in ensemble_moments_np(mu, r).items()}
+    q_lo, q_hi = predictive_interval(mu, r, interval)
     out = ad.AnnData(X=mom["mean"], obs=adata.obs.copy(), var=pd.DataFrame(index=pd.Index(cfg["genes"])))
     out.layers[keys.VAR_ALEATORIC] = mom["var_aleatoric"]
     out.layers[keys.VAR_EPISTEMIC] = mom["var_epistemic"]
+    out.layers[keys.Q_LO] = q_lo.astype(np.float32)
+    out.layers[keys.Q_HI] = q_hi.astype(np.float32)
     for k in (keys.SPATIAL,):
         if k in adata.obsm:
             out.obsm[k] = np.asarray(adata.obsm[k])
@@ -228,6 +233,7 @@ def predict(adata: ad.AnnData, model: EnsembleModel, *, batch_size: int = 32,
         **{k: v for k, v in src.items() if k in (keys.MPP, keys.SPOT_DIAMETER_UM, "platform", "library_id")},
         "prediction": {"backbone": cfg["backbone"], "genes": cfg["genes"], "tile_um": cfg["tile_um"],
                        "tile_px": cfg["tile_px"], "members": cfg["members"], "fine_tune": cfg["fine_tune"],
+                       "interval": interval,
                        "model_version": cfg["version"], "version": __version__,
                        "training_samples": cfg["training_samples"], "nb_parameterisation": cfg["nb_parameterisation"]},
     }
