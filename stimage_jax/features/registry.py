@@ -1,0 +1,53 @@
+"""Backbone registry: model sizes as ``functools.partial`` (as the Flax ImageNet example)."""
+
+from __future__ import annotations
+
+import functools
+import os
+from collections.abc import Callable
+from pathlib import Path
+
+from flax import nnx
+
+from data_pipelines.errors import StimageError
+from stimage_jax.features.efficientnet_lite import EfficientNetLite
+from stimage_jax.features.resnet import ResNet
+from stimage_jax.features.tiny import TinyCNN
+from stimage_jax.features.weights import load_weights
+
+__all__ = ["BACKBONES", "DEFAULT_WEIGHTS", "create_backbone", "shared_dir"]
+
+BACKBONES: dict[str, Callable[..., nnx.Module]] = {
+    "resnet50": functools.partial(ResNet, stage_sizes=(3, 4, 6, 3)),
+    "resnet_tiny": functools.partial(ResNet, stage_sizes=(1, 1, 1, 1), width=4),
+    "efficientnet_lite0": EfficientNetLite,
+    "tiny": TinyCNN,
+}
+
+
+def shared_dir() -> Path:
+    """``$STIMAGE_SHARED``, else the ``shared`` folder beside the project checkout."""
+    env = os.environ.get("STIMAGE_SHARED")
+    return Path(env) if env else Path(__file__).resolve().parents[3] / "shared"
+
+
+def _default_weights() -> dict[str, Path | None]:
+    lite0 = shared_dir() / "weights" / "efficientnet_lite0_imagenet.safetensors"
+    return {"efficientnet_lite0": lite0 if lite0.is_file() else None,
+            "resnet50": None,  # ImageNet ResNet50 weights are not shipped: pass --weights
+            "resnet_tiny": None, "tiny": None}
+
+
+DEFAULT_WEIGHTS = _default_weights()
+
+
+def create_backbone(name: str, *, rngs: nnx.Rngs, weights: str | os.PathLike | None = None,
+                    num_classes: int | None = None) -> nnx.Module:
+    """Build backbone ``name`` (in eval mode), loading a PyTorch state dict if given."""
+    if name not in BACKBONES:
+        raise StimageError(f"unknown backbone {name!r}; choose from {', '.join(sorted(BACKBONES))}")
+    model = BACKBONES[name](rngs=rngs, num_classes=num_classes)
+    if weights is not None:
+        load_weights(model, weights, name=name)
+    model.eval()
+    return model
