@@ -149,9 +149,13 @@ def cmd_quickstart(a) -> None:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="stimage", description=__doc__.splitlines()[0])
     p.add_argument("--quiet", action="store_true", help="no progress bars")
+    # --quiet is accepted before or after the subcommand; SUPPRESS keeps the sub-level
+    # default from overriding a top-level --quiet.
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--quiet", action="store_true", default=argparse.SUPPRESS, help="no progress bars")
     sub = p.add_subparsers(dest="command", required=True)
 
-    r = sub.add_parser("read", help="read spatial transcriptomics into .h5ad")
+    r = sub.add_parser("read", parents=[common], help="read spatial transcriptomics into .h5ad")
     r.add_argument("format", choices=["her2st", "visium"])
     r.add_argument("path", help="HER2ST root folder, or a Space Ranger output folder")
     r.add_argument("--sections", default="C2,C3,C4,C5,C6", help="HER2ST sections (comma separated)")
@@ -162,7 +166,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--overwrite", action="store_true")
     r.set_defaults(func=cmd_read)
 
-    t = sub.add_parser("train", help="train an NB regression ensemble")
+    t = sub.add_parser("train", parents=[common], help="train an NB regression ensemble")
     t.add_argument("--data", nargs="+", required=True, help=".h5ad files (one or more samples each)")
     t.add_argument("--genes", default="markers", help="markers | top-hvg:N | file:PATH | G1,G2,...")
     t.add_argument("--backbone", default="efficientnet_lite0")
@@ -182,7 +186,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--overwrite", action="store_true", help="replace a different run in --workdir")
     t.set_defaults(func=cmd_train)
 
-    pr = sub.add_parser("predict", help="predict expression for the spots of an .h5ad")
+    pr = sub.add_parser("predict", parents=[common], help="predict expression for the spots of an .h5ad")
     pr.add_argument("--model", required=True, help="training workdir (or its model/ folder)")
     pr.add_argument("--data", required=True)
     pr.add_argument("--out", required=True)
@@ -190,7 +194,7 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--overwrite", action="store_true")
     pr.set_defaults(func=cmd_predict)
 
-    e = sub.add_parser("evaluate", help="score predictions against observed counts")
+    e = sub.add_parser("evaluate", parents=[common], help="score predictions against observed counts")
     e.add_argument("--pred", required=True)
     e.add_argument("--truth", required=True)
     e.add_argument("--out", required=True, help="metrics CSV, one row per sample and gene")
@@ -199,7 +203,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--overwrite", action="store_true")
     e.set_defaults(func=cmd_evaluate)
 
-    q = sub.add_parser("quickstart", help="the main job on the shipped HER2ST data")
+    q = sub.add_parser("quickstart", parents=[common], help="the main job on the shipped HER2ST data")
     q.add_argument("--shared", default=str(default_shared()), help="the shared/ data folder")
     q.add_argument("--workdir", default="runs/quickstart")
     q.add_argument("--sections", default="C2,C3,C4,C5,C6")
