@@ -29,17 +29,18 @@ def plot_spatial_genes(pred, truth, genes, path: str | os.PathLike, *, overwrite
     if keys.SPATIAL not in truth.obsm:
         raise StimageError("truth has no obsm['spatial'] coordinates to plot")
     xy = np.asarray(truth[spots].obsm[keys.SPATIAL])
-    fig, axes = plt.subplots(2, len(genes), figsize=(4 * len(genes), 7.5), squeeze=False)
+    fig, axes = plt.subplots(2, len(genes), figsize=(4 * len(genes), 7.5), squeeze=False,
+                             sharex=True, sharey=True)
     for j, g in enumerate(genes):
         for i, (label, a) in enumerate((("observed", truth), ("predicted", pred))):
             v = _col(a[spots], g)
             ax = axes[i, j]
             sc = ax.scatter(xy[:, 0], xy[:, 1], c=v, s=28, marker="s", cmap="viridis")
             ax.set_title(f"{g} {label}")
-            ax.invert_yaxis()
             ax.set_aspect("equal")
             ax.set_xticks([]), ax.set_yticks([])
             fig.colorbar(sc, ax=ax, shrink=0.7)
+    axes[0, 0].invert_yaxis()  # image rows grow downwards; axes are shared, so invert once
     fig.tight_layout()
     with atomic_path(path, overwrite=overwrite) as tmp:
         fig.savefig(tmp, dpi=110, format="png")
