@@ -53,7 +53,7 @@ def _train_config(a):
     from stimage_jax.ensemble.train import TrainConfig
 
     return TrainConfig(lr=a.lr, batch_size=a.batch_size, max_epochs=a.max_epochs,
-                       patience=a.patience, loss=a.loss)
+                       patience=a.patience, loss={"counts": "nb", "log1p": "mse_log1p"}[a.target])
 
 
 def cmd_train(a) -> None:
@@ -180,7 +180,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--batch-size", type=int, default=64)
     t.add_argument("--max-epochs", type=int, default=200)
     t.add_argument("--patience", type=int, default=10)
-    t.add_argument("--loss", default="nb", choices=["nb", "mse_log1p"])
+    t.add_argument("--target", default="counts", choices=["counts", "log1p"],
+                   help="counts: NB likelihood of raw counts (STimage); log1p: MSE on log1p counts, "
+                        "a point-prediction baseline for comparison")
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--workdir", required=True)
     t.add_argument("--overwrite", action="store_true", help="replace a different run in --workdir")

@@ -217,7 +217,11 @@ def predict(adata: ad.AnnData, model: EnsembleModel, *, batch_size: int = 32,
                            f"({cfg['tile_px']}, {cfg['tile_px']}, 3)")
     mu, r = model.member_params(tiles, batch_size=batch_size, progress=progress)
     mom = {k: v.astype(np.float32) for k, v in ensemble_moments_np(mu, r).items()}
-    q_lo, q_hi = predictive_interval(mu, r, interval)
+    if np.isinf(r).all():  # a point-prediction (log1p MSE) model has no count distribution
+        mom["var_aleatoric"][:] = 0.0
+        q_lo = q_hi = mom["mean"]
+    else:
+        q_lo, q_hi = predictive_interval(mu, r, interval)
     out = ad.AnnData(X=mom["mean"], obs=adata.obs.copy(), var=pd.DataFrame(index=pd.Index(cfg["genes"])))
     out.layers[keys.VAR_ALEATORIC] = mom["var_aleatoric"]
     out.layers[keys.VAR_EPISTEMIC] = mom["var_epistemic"]

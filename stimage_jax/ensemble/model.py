@@ -144,22 +144,27 @@ class EnsembleModel:
         """
         from stimage_jax.features.extract import extract_features
 
+        to_params = _point_params if self.config["train"]["loss"] == "mse_log1p" else params_from_logits
         mus, rs = [], []
         if self.backbone is not None:
             feats = features if features is not None else extract_features(
                 self.backbone, tiles, batch_size=batch_size, progress=progress)
             x = jnp.asarray(feats)
             for mem in self.members:
-                log_mu, log_r = _apply(mem, x)
-                mu, r = params_from_logits(log_mu, log_r)
+                mu, r = to_params(*_apply(mem, x))
                 mus.append(np.asarray(mu)); rs.append(np.asarray(r))
         else:
             for mem in self.members:
-                outs = [params_from_logits(*_apply(mem, jnp.asarray(np.asarray(tiles[s:s + batch_size]))))
+                outs = [to_params(*_apply(mem, jnp.asarray(np.asarray(tiles[s:s + batch_size]))))
                         for s in range(0, len(tiles), batch_size)]
                 mus.append(np.concatenate([np.asarray(o[0]) for o in outs]))
                 rs.append(np.concatenate([np.asarray(o[1]) for o in outs]))
         return np.stack(mus), np.stack(rs)
+
+
+def _point_params(log1p_pred, _unused):
+    """A log1p-MSE model predicts a point, not a distribution: mean expm1(out), r = inf."""
+    return jnp.expm1(jnp.maximum(log1p_pred, 0.0)), jnp.full_like(log1p_pred, jnp.inf)
 
 
 @nnx.jit

@@ -131,3 +131,16 @@ def test_corrupt_model_is_a_clear_error(trained, synthetic_study, tmp_path, caps
     assert run("--quiet", "predict", "--model", trained, "--data", synthetic_study[2], "--out", tmp_path / "p.h5ad") == 2
     assert "corrupt" in capsys.readouterr().err
     assert not (tmp_path / "p.h5ad").exists()
+
+
+def test_log1p_target_is_a_point_model(synthetic_study, tmp_path):
+    wd = tmp_path / "l1p"
+    assert _train(synthetic_study[:2], wd, "--target", "log1p") == 0
+    assert run("--quiet", "predict", "--model", wd, "--data", synthetic_study[2], "--out", tmp_path / "p.h5ad") == 0
+    pred = ad.read_h5ad(tmp_path / "p.h5ad")
+    assert np.all(pred.layers[keys.VAR_ALEATORIC] == 0)
+    np.testing.assert_array_equal(pred.layers[keys.Q_LO], pred.X)
+    # still learns the colour → expression relation, on the count scale
+    truth = ad.read_h5ad(synthetic_study[2]).X.toarray()
+    assert np.corrcoef(pred.X[:, 0], truth[:, 0])[0, 1] > 0.5
+    assert 0.3 < pred.X[:, 0].mean() / truth[:, 0].mean() < 3
