@@ -62,7 +62,8 @@ def cmd_train(a) -> None:
     model = train(a.data, a.workdir, genes=a.genes, backbone=a.backbone, weights=a.weights,
                   members=a.members, fine_tune=a.fine_tune, tile_um=a.tile_um, tile_px=a.tile_px,
                   val_samples=_csv(a.val_samples) if a.val_samples else None,
-                  config=_train_config(a), seed=a.seed, progress=not a.quiet, overwrite=a.overwrite)
+                  config=_train_config(a), dropout=a.dropout, seed=a.seed, progress=not a.quiet,
+                  overwrite=a.overwrite)
     print(f"trained {model.config['members']} member(s) on {', '.join(model.config['training_samples'])} "
           f"({len(model.genes)} genes, backbone {model.config['backbone']}) -> {Path(a.workdir) / 'model'}")
 
@@ -183,6 +184,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--target", default="counts", choices=["counts", "log1p"],
                    help="counts: NB likelihood of raw counts (STimage); log1p: MSE on log1p counts, "
                         "a point-prediction baseline for comparison")
+    t.add_argument("--dropout", type=float, default=0.0, help="dropout on the head's input features")
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--workdir", required=True)
     t.add_argument("--overwrite", action="store_true", help="replace a different run in --workdir")
