@@ -32,9 +32,10 @@ def shared_dir() -> Path:
 
 
 def _default_weights() -> dict[str, Path | None]:
-    lite0 = shared_dir() / "weights" / "efficientnet_lite0_imagenet.safetensors"
-    return {"efficientnet_lite0": lite0 if lite0.is_file() else None,
-            "resnet50": None,  # ImageNet ResNet50 weights are not shipped: pass --weights
+    # The path is given even when the file is absent, so a run without ``shared/`` fails
+    # with "weights file ... not found" instead of silently using random features.
+    return {"efficientnet_lite0": shared_dir() / "weights" / "efficientnet_lite0_imagenet.safetensors",
+            "resnet50": None,  # ImageNet ResNet50 weights are not shipped: the user passes a file
             "resnet_tiny": None, "tiny": None}
 
 
@@ -43,11 +44,20 @@ DEFAULT_WEIGHTS = _default_weights()
 
 def create_backbone(name: str, *, rngs: nnx.Rngs, weights: str | os.PathLike | None = None,
                     num_classes: int | None = None) -> nnx.Module:
-    """Build backbone ``name`` (in eval mode), loading a PyTorch state dict if given."""
+    """Build backbone ``name`` in eval mode, loading a PyTorch state dict if given.
+
+    With ``weights`` the model is built abstractly (``nnx.eval_shape``) and every array
+    comes from the file (``load_weights`` is strict both ways): random initialisation
+    costs seconds of XLA compilation per distinct kernel shape on CPU and would be
+    overwritten anyway. ``rngs`` is then unused.
+    """
     if name not in BACKBONES:
         raise StimageError(f"unknown backbone {name!r}; choose from {', '.join(sorted(BACKBONES))}")
-    model = BACKBONES[name](rngs=rngs, num_classes=num_classes)
-    if weights is not None:
+    build = functools.partial(BACKBONES[name], num_classes=num_classes)
+    if weights is None:
+        model = build(rngs=rngs)
+    else:
+        model = nnx.eval_shape(lambda: build(rngs=nnx.Rngs(0)))
         load_weights(model, weights, name=name)
     model.eval()
     return model

@@ -9,12 +9,23 @@ from __future__ import annotations
 import jax.numpy as jnp
 from flax import nnx
 
-from stimage_jax.features.layers import ConvBN, max_pool_3x3_s2
+from stimage_jax.features.layers import ConvBN
 
-__all__ = ["ResNet", "Bottleneck"]
+__all__ = ["ResNet", "Bottleneck", "max_pool_3x3_s2"]
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+def max_pool_3x3_s2(x):
+    """(B, H, W, C) → (B, ⌊(H-1)/2⌋+1, ⌊(W-1)/2⌋+1, C): torch MaxPool2d(3, 2, padding=1).
+
+    Padded with -inf by ``jnp.pad`` then pooled "VALID": jax2onnx 0.17.1 exports
+    ``max_pool`` with explicit tuple padding silently without the padding, and its patched
+    ``max_pool`` takes ``window_shape`` only by keyword.
+    """
+    x = jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)), constant_values=-jnp.inf)
+    return nnx.max_pool(x, window_shape=(3, 3), strides=(2, 2), padding="VALID")
 
 
 class Bottleneck(nnx.Module):
@@ -57,6 +68,7 @@ class ResNet(nnx.Module):
         return (x - jnp.asarray(IMAGENET_MEAN)) / jnp.asarray(IMAGENET_STD)
 
     def features(self, x):
+        """Normalised (B, H, W, 3), H, W >= 32 → (B, num_features), global-average-pooled."""
         x = max_pool_3x3_s2(self.stem(x))
         for stage in self.layers:
             for block in stage:

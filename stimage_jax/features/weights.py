@@ -24,7 +24,7 @@ _BN = {"weight": "scale", "bias": "bias", "running_mean": "mean", "running_var":
 
 
 def read_state_dict(path: str | os.PathLike) -> dict[str, np.ndarray]:
-    """safetensors (always) or .pth/.pt (only when torch is installed) → numpy arrays."""
+    """safetensors (always) or .pth/.pt/.bin (only when torch is installed) → {key: array}."""
     path = Path(path)
     if not path.is_file():
         raise StimageError(f"weights file {path} not found")
@@ -34,15 +34,29 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, np.ndarray]:
         except ImportError:
             raise StimageError(f"{path} is a PyTorch pickle and torch is not installed; convert it with "
                                "safetensors.torch.save_file or install torch") from None
-        sd = torch.load(path, map_location="cpu", weights_only=True)
-        sd = sd.get("state_dict", sd) if isinstance(sd, dict) else sd
-        return {k: v.numpy() for k, v in sd.items()}
-    try:
-        from safetensors.numpy import load_file
+        try:
+            sd = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as e:
+            raise StimageError(f"weights file {path} is not a readable PyTorch checkpoint "
+                               f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None
+        for wrapper in ("state_dict", "model"):  # training checkpoints nest the state dict
+            if isinstance(sd, dict) and isinstance(sd.get(wrapper), dict):
+                sd = sd[wrapper]
+        sd = {k: v.float().numpy() if v.is_floating_point() else v.numpy()
+              for k, v in sd.items() if hasattr(v, "numpy")}
+    else:
+        try:
+            from safetensors.numpy import load_file
 
-        return load_file(str(path))
-    except Exception as e:
-        raise StimageError(f"weights file {path} is not a readable safetensors file ({type(e).__name__}: {e})") from None
+            sd = load_file(str(path))
+        except Exception as e:
+            msg = str(e).splitlines()[0] if str(e) else ""
+            raise StimageError(f"weights file {path} is not a readable safetensors file "
+                               f"({type(e).__name__}: {msg})") from None
+    # nn.DataParallel / DistributedDataParallel save every key under "module."
+    if sd and all(k.startswith("module.") for k in sd):
+        sd = {k[len("module."):]: v for k, v in sd.items()}
+    return sd
 
 
 def _conv_bn(prefix_conv: str, prefix_bn: str, path: tuple) -> dict:
@@ -88,7 +102,16 @@ def torch_key_map(model) -> dict[str, tuple[tuple, str]]:
     return m
 
 
+_NDIM = {"conv": 4, "linear": 2, "vec": 1}
+
+
 def _convert(arr: np.ndarray, kind: str) -> np.ndarray:
+    """PyTorch layout → Flax layout.
+
+    conv (O, I/groups, kh, kw) → (kh, kw, I/groups, O): also right for depthwise
+    (C, 1, k, k) → (k, k, 1, C), Flax's ``feature_group_count`` kernel layout;
+    linear (out, in) → (in, out); vectors unchanged.
+    """
     if kind == "conv":
         return np.transpose(arr, (2, 3, 1, 0))
     if kind == "linear":
@@ -96,8 +119,22 @@ def _convert(arr: np.ndarray, kind: str) -> np.ndarray:
     return arr
 
 
+def _torch_shape(flax_shape: tuple, kind: str) -> tuple:
+    """Inverse of :func:`_convert` on shapes, for error messages in the file's layout."""
+    if kind == "conv":
+        kh, kw, i, o = flax_shape
+        return (o, i, kh, kw)
+    return tuple(reversed(flax_shape)) if kind == "linear" else tuple(flax_shape)
+
+
 def load_weights(model, path: str | os.PathLike, *, name: str = "") -> nnx.Module:
-    """Load a PyTorch state dict file into ``model`` in place; return the model."""
+    """Load a PyTorch state dict file into ``model`` in place; return the model.
+
+    Strict both ways: every model array must come from the file (so an abstract model
+    from ``nnx.eval_shape`` is fully materialised) and every file tensor must be used,
+    except the ImageNet classifier (``fc``/``_fc``) when the model has none.
+    """
+    arch = name or type(model).__name__
     sd = {k: v for k, v in read_state_dict(path).items() if not k.endswith("num_batches_tracked")}
     kmap = torch_key_map(model)
     has_fc = any(k.split(".")[0] in ("fc", "_fc") for k in kmap)
@@ -105,24 +142,31 @@ def load_weights(model, path: str | os.PathLike, *, name: str = "") -> nnx.Modul
         sd = {k: v for k, v in sd.items() if k.split(".")[0] not in ("fc", "_fc")}
     missing = [k for k in kmap if k not in sd]
     if missing:
-        raise StimageError(f"{path}: {len(missing)} weight(s) missing for {name or type(model).__name__}, "
+        raise StimageError(f"{path}: {len(missing)} weight(s) missing for {arch}, "
                            f"first {missing[0]!r} (is this the right architecture?)")
     extra = [k for k in sd if k not in kmap]
     if extra:
-        raise StimageError(f"{path}: {len(extra)} unexpected weight(s), first {extra[0]!r} "
+        raise StimageError(f"{path}: {len(extra)} unexpected weight(s) for {arch}, first {extra[0]!r} "
                            f"(is this the right architecture?)")
     state = nnx.state(model)
+    targets = {p for p, _ in kmap.values()}
+    unmapped = [p for p, _ in nnx.to_flat_state(state) if tuple(p) not in targets]
+    if unmapped:  # a bug in the key map, not in the file: never leave a layer random
+        raise StimageError(f"{arch}: model array {'.'.join(map(str, unmapped[0]))} has no PyTorch key "
+                           f"({len(unmapped)} in all)")
     pure = nnx.to_pure_dict(state)
     for key, (p, kind) in kmap.items():
         node = pure
         for part in p[:-1]:
             node = node[part]
-        want = node[p[-1]].shape
-        got = _convert(np.asarray(sd[key]), kind)
-        if got.shape != tuple(want):
-            raise StimageError(f"{path}: weight {key!r} has shape {tuple(sd[key].shape)}, "
-                               f"expected {tuple(want)} after layout conversion")
-        node[p[-1]] = jnp.asarray(got, jnp.float32)
+        want = tuple(node[p[-1]].shape)
+        arr = np.asarray(sd[key])
+        if arr.ndim != _NDIM[kind] or _convert(arr, kind).shape != want:
+            raise StimageError(f"{path}: weight {key!r} has shape {tuple(arr.shape)}, "
+                               f"expected {_torch_shape(want, kind)} (PyTorch layout)")
+        if not np.issubdtype(arr.dtype, np.floating):
+            raise StimageError(f"{path}: weight {key!r} has dtype {arr.dtype}, expected floating point")
+        node[p[-1]] = jnp.asarray(_convert(arr, kind), jnp.float32)
     nnx.replace_by_pure_dict(state, pure)
     nnx.update(model, state)
     return model
