@@ -294,3 +294,18 @@ def test_efficientnet_lite0_file_and_small_tiles(lite0, shared):
     x = np.random.default_rng(5).integers(0, 256, (3, 32, 47, 3), dtype=np.uint8)  # smallest side 32
     out = np.asarray(forward(lite0, jnp.asarray(x)))
     assert out.shape == (3, 1280) and np.isfinite(out).all() and np.ptp(out) > 0
+
+
+def test_depthwise_shift_add_equals_grouped_conv():
+    # the CPU fast path must compute exactly what the exported grouped convolution computes
+    from stimage_jax.features.layers import ConvBN
+
+    x = jnp.asarray(np.random.default_rng(0).normal(size=(2, 11, 13, 6)), jnp.float32)
+    for k, s in ((3, 1), (5, 2), (3, 2)):
+        layer = ConvBN(6, 6, k, s, groups=6, rngs=nnx.Rngs(1), pad_mode="tf_same")
+        layer.eval()
+        outs = {}
+        for impl in ("shift", "conv"):
+            layer.depthwise_impl = impl
+            outs[impl] = np.asarray(layer(x))
+        np.testing.assert_allclose(outs["shift"], outs["conv"], rtol=1e-5, atol=1e-5)
