@@ -9,19 +9,13 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 import sys
 from pathlib import Path
 
 from data_pipelines.errors import StimageError
+from data_pipelines.paths import shared_dir
 
-__all__ = ["main", "build_parser", "default_shared"]
-
-
-def default_shared() -> Path:
-    """``$STIMAGE_SHARED``, else the ``shared`` folder beside the project checkout."""
-    env = os.environ.get("STIMAGE_SHARED")
-    return Path(env) if env else Path(__file__).resolve().parents[2] / "shared"
+__all__ = ["main", "build_parser"]
 
 
 def _csv(s: str) -> list[str]:
@@ -208,7 +202,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.set_defaults(func=cmd_evaluate)
 
     q = sub.add_parser("quickstart", parents=[common], help="the main job on the shipped HER2ST data")
-    q.add_argument("--shared", default=str(default_shared()), help="the shared/ data folder")
+    q.add_argument("--shared", default=str(shared_dir()), help="the shared/ data folder")
     q.add_argument("--workdir", default="runs/quickstart")
     q.add_argument("--sections", default="C2,C3,C4,C5,C6")
     q.add_argument("--test-section", default="C6")

@@ -10,6 +10,7 @@ from pathlib import Path
 from flax import nnx
 
 from data_pipelines.errors import StimageError
+from data_pipelines.paths import shared_dir
 from stimage_jax.features.efficientnet_lite import EfficientNetLite
 from stimage_jax.features.resnet import ResNet
 from stimage_jax.features.tiny import TinyCNN
@@ -23,12 +24,6 @@ BACKBONES: dict[str, Callable[..., nnx.Module]] = {
     "efficientnet_lite0": EfficientNetLite,
     "tiny": TinyCNN,
 }
-
-
-def shared_dir() -> Path:
-    """``$STIMAGE_SHARED``, else the ``shared`` folder beside the project checkout."""
-    env = os.environ.get("STIMAGE_SHARED")
-    return Path(env) if env else Path(__file__).resolve().parents[3] / "shared"
 
 
 def _default_weights() -> dict[str, Path | None]:
