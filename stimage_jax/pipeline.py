@@ -27,7 +27,7 @@ from data_pipelines.errors import StimageError
 from data_pipelines.io import atomic_path
 from data_pipelines.slides import read_h5ad
 from data_pipelines.tiles import spot_tiles
-from export.moments import ensemble_moments_np, predictive_interval
+from export.prediction import build_prediction
 from stimage_jax import __version__
 from stimage_jax.ensemble.model import MODEL_FORMAT, EnsembleModel, STimageNet, build_member
 from stimage_jax.ensemble.train import TrainConfig, fit_member
@@ -36,7 +36,7 @@ from stimage_jax.features.registry import BACKBONES, DEFAULT_WEIGHTS, create_bac
 from stimage_jax.genes import check_genes, select_genes
 from stimage_jax.nb.head import init_head_from_data
 
-__all__ = ["train", "predict", "split_samples", "counts_matrix", "sample_features"]
+__all__ = ["train", "predict", "provenance", "split_samples", "counts_matrix", "sample_features"]
 
 log = logging.getLogger("stimage")
 
@@ -222,29 +222,12 @@ def predict(adata: ad.AnnData, model: EnsembleModel, *, batch_size: int = 32,
         raise StimageError(f"tiles have shape {tiles.shape[1:]}, the model expects "
                            f"({cfg['tile_px']}, {cfg['tile_px']}, 3)")
     mu, r = model.member_params(tiles, batch_size=batch_size, progress=progress, features=features)
-    mom = {k: v.astype(np.float32) for k, v in ensemble_moments_np(mu, r).items()}
-    if np.isinf(r).all():  # a point-prediction (log1p MSE) model has no count distribution
-        mom["var_aleatoric"][:] = 0.0
-        q_lo = q_hi = mom["mean"]
-    else:
-        q_lo, q_hi = predictive_interval(mu, r, interval)
-    out = ad.AnnData(X=mom["mean"], obs=adata.obs.copy(), var=pd.DataFrame(index=pd.Index(cfg["genes"])))
-    out.layers[keys.VAR_ALEATORIC] = mom["var_aleatoric"]
-    out.layers[keys.VAR_EPISTEMIC] = mom["var_epistemic"]
-    out.layers[keys.Q_LO] = q_lo.astype(np.float32)
-    out.layers[keys.Q_HI] = q_hi.astype(np.float32)
-    for k in (keys.SPATIAL,):
-        if k in adata.obsm:
-            out.obsm[k] = np.asarray(adata.obsm[k])
-    if keys.SPATIAL_UNS in adata.uns:
-        out.uns[keys.SPATIAL_UNS] = adata.uns[keys.SPATIAL_UNS]
-    src = dict(adata.uns.get(keys.STIMAGE_UNS, {}))
-    out.uns[keys.STIMAGE_UNS] = {
-        **{k: v for k, v in src.items() if k in (keys.MPP, keys.SPOT_DIAMETER_UM, "platform", "library_id")},
-        "prediction": {"backbone": cfg["backbone"], "genes": cfg["genes"], "tile_um": cfg["tile_um"],
-                       "tile_px": cfg["tile_px"], "members": cfg["members"], "fine_tune": cfg["fine_tune"],
-                       "interval": interval,
-                       "model_version": cfg["version"], "version": __version__,
-                       "training_samples": cfg["training_samples"], "nb_parameterisation": cfg["nb_parameterisation"]},
-    }
-    return out
+    return build_prediction(adata, mu, r, cfg["genes"], provenance(cfg), interval=interval)
+
+
+def provenance(cfg: dict) -> dict:
+    """What a prediction records about the model that made it (model.json → uns)."""
+    return {"backbone": cfg["backbone"], "genes": cfg["genes"], "tile_um": cfg["tile_um"],
+            "tile_px": cfg["tile_px"], "members": cfg["members"], "fine_tune": cfg["fine_tune"],
+            "model_version": cfg["version"], "version": __version__, "training_samples": cfg["training_samples"],
+            "nb_parameterisation": cfg["nb_parameterisation"], "target": cfg["train"]["loss"]}
