@@ -62,17 +62,35 @@ def cmd_train(a) -> None:
           f"({len(model.genes)} genes, backbone {model.config['backbone']}) -> {Path(a.workdir) / 'model'}")
 
 
-def cmd_predict(a) -> None:
+def cmd_predict(a) -> int | None:
     from data_pipelines.io import check_writable, write_h5ad
     from data_pipelines.slides import read_h5ad
     from stimage_jax.ensemble.model import EnsembleModel
     from stimage_jax.pipeline import predict
 
+    if str(a.model).endswith(".onnx"):  # the JAX-free runtime does the work
+        from export.predict import main as onnx_main
+
+        argv = ["--model", a.model, "--data", a.data, "--out", a.out, "--batch-size", str(a.batch_size)]
+        return onnx_main(argv + ["--overwrite"] * a.overwrite + ["--quiet"] * a.quiet)
     check_writable(a.out, a.overwrite)
     model = EnsembleModel.load(a.model)
     pred = predict(read_h5ad(a.data), model, batch_size=a.batch_size, progress=not a.quiet)
     write_h5ad(pred, a.out, overwrite=a.overwrite)
     print(f"predicted {pred.n_vars} genes for {pred.n_obs} spots -> {a.out}")
+
+
+def cmd_export_onnx(a) -> None:
+    from data_pipelines.io import check_writable
+    from export.to_onnx import export_onnx
+    from stimage_jax.ensemble.model import EnsembleModel
+
+    check_writable(a.out, a.overwrite)
+    model = EnsembleModel.load(a.model)
+    out = export_onnx(model, a.out, overwrite=a.overwrite)
+    size_mb = out.stat().st_size / 1e6
+    print(f"exported {model.config['members']} member(s), {len(model.genes)} genes, "
+          f"{model.config['tile_px']}px uint8 tiles -> {out} ({size_mb:.1f} MB)")
 
 
 def _evaluate(pred_path, truth_path, out, overwrite, plot=None, plot_genes=None):
@@ -185,12 +203,18 @@ def build_parser() -> argparse.ArgumentParser:
     t.set_defaults(func=cmd_train)
 
     pr = sub.add_parser("predict", parents=[common], help="predict expression for the spots of an .h5ad")
-    pr.add_argument("--model", required=True, help="training workdir (or its model/ folder)")
+    pr.add_argument("--model", required=True, help="training workdir (or its model/ folder), or an exported .onnx")
     pr.add_argument("--data", required=True)
     pr.add_argument("--out", required=True)
     pr.add_argument("--batch-size", type=int, default=32)
     pr.add_argument("--overwrite", action="store_true")
     pr.set_defaults(func=cmd_predict)
+
+    x = sub.add_parser("export-onnx", parents=[common], help="export a trained model to ONNX")
+    x.add_argument("--model", required=True, help="training workdir (or its model/ folder)")
+    x.add_argument("--out", required=True, help="the .onnx file to write")
+    x.add_argument("--overwrite", action="store_true")
+    x.set_defaults(func=cmd_export_onnx)
 
     e = sub.add_parser("evaluate", parents=[common], help="score predictions against observed counts")
     e.add_argument("--pred", required=True)
@@ -222,14 +246,14 @@ def main(argv: list[str] | None = None) -> int:
     for noisy in ("absl", "jax", "orbax"):
         logging.getLogger(noisy).setLevel(logging.ERROR)
     try:
-        args.func(args)
+        code = args.func(args)  # a command returns a non-zero code only when it printed why
     except StimageError as e:
         print(f"stimage: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("stimage: interrupted (rerun the same command to resume)", file=sys.stderr)
         return 130
-    return 0
+    return code or 0
 
 
 if __name__ == "__main__":

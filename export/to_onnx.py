@@ -1,0 +1,97 @@
+"""Trained ensemble → one ONNX file (needs JAX; the runtime in :mod:`export.predict` does not).
+
+Graph: ``tiles`` uint8 (B, tile_px, tile_px, 3), dynamic B → the backbone's own input
+scaling → backbone → every member's NB head → ``mu`` and ``r``, each (members, B, genes).
+Stain normalisation stays outside the graph (NumPy). ``metadata_props`` carry what a
+runtime needs: genes, tile geometry, backbone, NB parameterisation, provenance.
+
+jax2onnx 0.17.1 traps handled here (each guarded by a test in tests/export):
+- members are a Python loop + ``jnp.stack`` — ``jax.vmap`` over convolutions exports wrong
+  numbers;
+- depthwise layers use the grouped convolution, not the CPU shift-and-add path;
+- the stale ``value_info`` of residual nets is cleared before saving;
+- max-pool padding is explicit ``-inf`` + VALID in the model itself (features/resnet.py).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import onnx
+from flax import nnx
+
+from data_pipelines.io import atomic_path
+from stimage_jax.ensemble.model import EnsembleModel
+from stimage_jax.nb.distribution import params_from_logits
+from stimage_jax.pipeline import provenance
+
+__all__ = ["export_onnx", "ONNX_FORMAT", "graph_function"]
+
+ONNX_FORMAT = "stimage-jax-onnx/1"
+TWO_GB = 2 * 1024**3
+
+
+def _set_depthwise(module, impl: str) -> None:
+    for _, sub in nnx.iter_graph(module):
+        if hasattr(sub, "depthwise_impl"):
+            sub.depthwise_impl = impl
+
+
+def graph_function(model: EnsembleModel):
+    """tiles (B, H, W, 3) uint8 → (mu, r), each (M, B, G): the function that is exported."""
+    point = model.config["train"]["loss"] == "mse_log1p"
+
+    def to_params(a, b):
+        if point:  # log1p regression: a point prediction (r = inf marks it)
+            return jnp.expm1(jnp.maximum(a, 0.0)), jnp.full_like(a, jnp.inf)
+        return params_from_logits(a, b)
+
+    def fn(tiles):
+        feats = model.backbone(tiles) if model.backbone is not None else None
+        mus, rs = [], []
+        for mem in model.members:  # a loop, not vmap (see module docstring)
+            out = mem(feats) if feats is not None else mem(tiles)
+            mu, r = to_params(*out)
+            mus.append(mu)
+            rs.append(r)
+        return jnp.stack(mus), jnp.stack(rs)
+
+    return fn
+
+
+def export_onnx(model: EnsembleModel, out: str | os.PathLike, *, overwrite: bool = False,
+                opset: int = 23) -> Path:
+    """Write ``model`` as ONNX to ``out`` (atomically) and return the path."""
+    cfg = model.config
+    px = int(cfg["tile_px"])
+    for mod in [model.backbone, *model.members]:
+        if mod is not None:
+            _set_depthwise(mod, "conv")
+            mod.eval()
+    batch = jax.export.symbolic_shape("B")[0]
+    spec = jax.ShapeDtypeStruct((batch, px, px, 3), jnp.uint8)
+    from jax2onnx import to_onnx
+
+    proto = to_onnx(graph_function(model), [spec], model_name="stimage", opset=opset,
+                    input_names=["tiles"], output_names=["mu", "r"])
+    del proto.graph.value_info[:]  # jax2onnx leaves stale shapes on residual nets
+    meta = {"format": ONNX_FORMAT, "genes": json.dumps(cfg["genes"]), "tile_um": str(cfg["tile_um"]),
+            "tile_px": str(px), "backbone": cfg["backbone"], "members": str(cfg["members"]),
+            "nb_parameterisation": cfg["nb_parameterisation"], "target": cfg["train"]["loss"],
+            "stain_reference": "null",  # stain normalisation arrives with issue 3
+            "provenance": json.dumps(provenance(cfg)), "model_config": json.dumps(cfg)}
+    del proto.metadata_props[:]
+    for k, v in meta.items():
+        proto.metadata_props.add(key=k, value=v)
+    onnx.checker.check_model(proto)
+    out = Path(out)
+    with atomic_path(out, overwrite=overwrite) as tmp:
+        if proto.ByteSize() > TWO_GB:  # protobuf's limit: weights go to a sidecar file
+            onnx.save_model(proto, tmp, save_as_external_data=True, location=out.name + ".data")
+        else:
+            onnx.save_model(proto, tmp)
+    return out
