@@ -8,9 +8,29 @@ from pathlib import Path
 import numpy as np
 import scipy.sparse as sp
 
+from data_pipelines import keys
 from data_pipelines.errors import StimageError
 
-__all__ = ["as_count_matrix", "unique_names", "image_size"]
+__all__ = ["as_count_matrix", "unique_names", "image_size", "library_metadata",
+           "IMAGE_SCALE", "LIBRARY_ID", "PLATFORM", "DROPPED"]
+
+# uns["stimage"] fields the readers add beyond data_pipelines.keys (kept here, once).
+IMAGE_SCALE = "image_scale"  # image-file px per full-resolution px (1.0, or tissue_hires_scalef)
+LIBRARY_ID = "library_id"    # the key of this sample in uns["spatial"]
+PLATFORM = "platform"        # "legacy_st", "visium", ...
+DROPPED = "dropped"          # {reason: number of spots dropped while reading}
+
+
+def library_metadata(image_path: str, mpp: float, spot_diameter_um: float, image_scale: float,
+                     source: str) -> dict:
+    """``uns["spatial"][library_id]["metadata"]``: the per-sample facts tiling needs.
+
+    mpp / spot size / image scale are repeated here (not only in ``uns["stimage"]``) because
+    ``anndata.concat(..., uns_merge="unique")`` keeps each library's entry but drops the
+    top-level values that differ between samples; tiling then still has them per sample.
+    """
+    return {keys.IMAGE_PATH: image_path, keys.MPP: float(mpp), keys.SPOT_DIAMETER_UM: float(spot_diameter_um),
+            IMAGE_SCALE: float(image_scale), "source": source}
 
 
 def as_count_matrix(x, where: str, obs_names=None, var_names=None) -> sp.csr_matrix:
@@ -28,7 +48,7 @@ def as_count_matrix(x, where: str, obs_names=None, var_names=None) -> sp.csr_mat
         spot = obs_names[row] if obs_names is not None else row
         gene = var_names[col] if var_names is not None else col
         kind = "NaN/inf" if not np.isfinite(data[i]) else ("negative" if data[i] < 0 else "non-integer")
-        raise StimageError(f"{where}: {kind} count {data[i]!r} at spot {spot}, gene {gene} "
+        raise StimageError(f"{where}: {kind} count {float(data[i])} at spot {spot}, gene {gene} "
                            f"({int(bad.sum())} bad value(s)); raw integer counts are required")
     if m.nnz and data.max() > np.iinfo(np.int32).max:
         raise StimageError(f"{where}: counts exceed int32")
