@@ -47,13 +47,19 @@ class NBHead(nnx.Module):
 def init_head_from_data(head: NBHead, feats: np.ndarray, counts: np.ndarray) -> NBHead:
     """Set standardisation from training features and biases from each gene's marginal NB.
 
-    feats: (N, D) float; counts: (N, G) raw counts. Dispersion by the method of moments,
+    feats: (N, D) float; counts: (N, G) raw counts. Features constant in training get an
+    infinite scale, i.e. weight zero. Dispersion by the method of moments,
     ``r = mean**2 / (var - mean)``, clipped to [0.01, 100] (Poisson-like genes get 100).
     """
     feats = np.asarray(feats, np.float64)
     counts = np.asarray(counts, np.float64)
+    std = feats.std(0)
+    # A feature (almost) constant over the training tiles — e.g. a ReLU channel that never
+    # fires — carries nothing the head could learn, but dividing by its ~0 std would blow
+    # any non-zero value on a new slide up by 1e6 and saturate the mean. Ignore it instead.
+    alive = std > 1e-3 * (np.median(std[std > 0]) if np.any(std > 0) else 1.0)
     head.feat_mean[...] = jnp.asarray(feats.mean(0), jnp.float32)
-    head.feat_scale[...] = jnp.asarray(feats.std(0) + 1e-6, jnp.float32)
+    head.feat_scale[...] = jnp.asarray(np.where(alive, std, np.inf), jnp.float32)
     mean = counts.mean(0) + 1e-3
     excess = np.maximum(counts.var(0) - mean, 1e-6)
     r = np.clip(mean**2 / excess, 0.01, 100.0)

@@ -82,3 +82,16 @@ def test_truncated_checkpoint_is_a_clear_error(nb_data, tmp_path):
     with pytest.raises(StimageError, match="unreadable"):
         fit_member(_head(x, y), x[:100], y[:100], key=jax.random.key(0), config=cfg,
                    ckpt_dir=tmp_path / "m", progress=False)
+
+
+def test_feature_dead_in_training_cannot_blow_up_predictions(nb_data):
+    x, y, _ = nb_data
+    x = x.copy()
+    x[:, 0] = 0.0  # a ReLU channel that never fired on the training tiles
+    h = _head(x, y)
+    h, _ = fit_member(h, x, y, key=jax.random.key(0), config=TrainConfig(lr=1e-2, max_epochs=5), progress=False)
+    probe = x[:4].copy()
+    alive = np.asarray(h(probe)[0])
+    probe[:, 0] = 50.0  # ... fires on a new slide
+    np.testing.assert_allclose(np.asarray(h(probe)[0]), alive, rtol=1e-6)
+    assert np.isfinite(np.asarray(h.feat_scale[...])[1:]).all()
