@@ -11,7 +11,7 @@ __all__ = [
     "SAMPLE", "ARRAY_ROW", "ARRAY_COL", "SPATIAL", "SPATIAL_UNS", "STIMAGE_UNS",
     "MPP", "SPOT_DIAMETER_UM", "IMAGE_PATH", "LABEL", "TILE_BORDER_FRAC",
     "VAR_ALEATORIC", "VAR_EPISTEMIC", "Q_LO", "Q_HI", "MEMBER_MEAN",
-    "SPOT_DIAMETER_FULLRES",
+    "SPOT_DIAMETER_FULLRES", "IMAGE_SCALE", "LIBRARY_ID", "PLATFORM", "DROPPED", "PREDICTION",
 ]
 
 # obs
@@ -31,6 +31,11 @@ IMAGE_PATH = "image_path"            # uns["spatial"][lib]["metadata"]["image_pa
 STIMAGE_UNS = "stimage"              # uns["stimage"]: mpp, spot_diameter_um, provenance
 MPP = "mpp"                          # µm per full-resolution pixel
 SPOT_DIAMETER_UM = "spot_diameter_um"
+IMAGE_SCALE = "image_scale"          # image-file px per full-resolution px (1.0, or tissue_hires_scalef)
+LIBRARY_ID = "library_id"            # the key of this sample in uns["spatial"]
+PLATFORM = "platform"                # "legacy_st", "visium", ...
+DROPPED = "dropped"                  # {reason: number of spots dropped while reading}
+PREDICTION = "prediction"            # uns["stimage"]["prediction"]: provenance of a prediction
 
 # layers written by prediction
 VAR_ALEATORIC = "var_aleatoric"      # mean over members of NB variance

@@ -40,7 +40,7 @@ def build_prediction(adata: ad.AnnData, mu: np.ndarray, r: np.ndarray, genes, pr
         out.uns[keys.SPATIAL_UNS] = adata.uns[keys.SPATIAL_UNS]
     src = dict(adata.uns.get(keys.STIMAGE_UNS, {}))
     out.uns[keys.STIMAGE_UNS] = {
-        **{k: v for k, v in src.items() if k in (keys.MPP, keys.SPOT_DIAMETER_UM, "platform", "library_id")},
-        "prediction": {**provenance, "interval": interval},
+        **{k: v for k, v in src.items() if k in (keys.MPP, keys.SPOT_DIAMETER_UM, keys.PLATFORM, keys.LIBRARY_ID)},
+        keys.PREDICTION: {**provenance, "interval": interval},
     }
     return out

@@ -10,15 +10,11 @@ import scipy.sparse as sp
 
 from data_pipelines import keys
 from data_pipelines.errors import StimageError
+from data_pipelines.keys import DROPPED, IMAGE_SCALE, LIBRARY_ID, PLATFORM  # re-exported for the readers
 
 __all__ = ["as_count_matrix", "unique_names", "image_size", "library_metadata",
            "IMAGE_SCALE", "LIBRARY_ID", "PLATFORM", "DROPPED"]
 
-# uns["stimage"] fields the readers add beyond data_pipelines.keys (kept here, once).
-IMAGE_SCALE = "image_scale"  # image-file px per full-resolution px (1.0, or tissue_hires_scalef)
-LIBRARY_ID = "library_id"    # the key of this sample in uns["spatial"]
-PLATFORM = "platform"        # "legacy_st", "visium", ...
-DROPPED = "dropped"          # {reason: number of spots dropped while reading}
 
 
 def library_metadata(image_path: str, mpp: float, spot_diameter_um: float, image_scale: float,
