@@ -1,6 +1,7 @@
 """ONNX runtime predictor: numpy, onnxruntime, anndata and the project's NumPy code — no JAX.
 
     python -m export.predict --model model.onnx --data X.h5ad --out P.h5ad
+    python -m export.predict --model model.onnx --slide S.svs --out P.h5ad [--genes G1,G2]
 
 writes the same h5ad as ``stimage predict`` with a JAX model (X = mean, var_aleatoric,
 var_epistemic, q_lo, q_hi, provenance). Execution providers: TensorRT, then CUDA, when
@@ -83,7 +84,12 @@ def predict_adata(adata, model: OnnxEnsemble, *, batch_size: int = 32, progress:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m export.predict", description=__doc__.splitlines()[0])
     ap.add_argument("--model", required=True, help="exported .onnx file")
-    ap.add_argument("--data", required=True, help=".h5ad with spot coordinates and image")
+    src = ap.add_mutually_exclusive_group(required=True)
+    src.add_argument("--data", help=".h5ad with spot coordinates and image")
+    src.add_argument("--slide", help="an H&E-only slide (pyramidal TIFF/SVS, or JPEG/PNG with --mpp)")
+    ap.add_argument("--mpp", type=float, help="µm per pixel of the slide when its metadata lacks it")
+    ap.add_argument("--min-coverage", type=float, default=0.7, help="slide tiles need this tissue fraction")
+    ap.add_argument("--genes", help="slide: write a heatmap PNG per gene (comma separated), OUT_<gene>.png")
     ap.add_argument("--out", required=True)
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--interval", type=float, default=0.8)
@@ -96,9 +102,26 @@ def main(argv: list[str] | None = None) -> int:
 
         check_writable(a.out, a.overwrite)
         model = OnnxEnsemble(a.model)
-        pred = predict_adata(read_h5ad(a.data), model, batch_size=a.batch_size, progress=not a.quiet,
-                             interval=a.interval)
-        write_h5ad(pred, a.out, overwrite=a.overwrite)
+        if a.slide:
+            from data_pipelines.wsi import open_slide
+            from export.prediction import predict_slide, write_heatmaps
+
+            genes = [g.strip() for g in a.genes.split(",") if g.strip()] if a.genes else []
+            bad = [g for g in genes if g not in model.genes]
+            if bad:
+                raise StimageError(f"gene(s) not predicted by this model: {', '.join(bad)}")
+            prov = {**model.provenance, "runtime": "onnxruntime", "providers": list(model.providers)}
+            pred = predict_slide(open_slide(a.slide, mpp=a.mpp), lambda t: model.params(t, batch_size=len(t)),
+                                 model.genes, prov, tile_um=model.tile_um, tile_px=model.tile_px,
+                                 min_coverage=a.min_coverage, batch_size=a.batch_size, progress=not a.quiet,
+                                 interval=a.interval)
+            write_h5ad(pred, a.out, overwrite=a.overwrite)
+            for p in write_heatmaps(pred, genes, str(a.out).removesuffix(".h5ad"), overwrite=a.overwrite):
+                print(f"heatmap -> {p}")
+        else:
+            pred = predict_adata(read_h5ad(a.data), model, batch_size=a.batch_size, progress=not a.quiet,
+                                 interval=a.interval)
+            write_h5ad(pred, a.out, overwrite=a.overwrite)
     except StimageError as e:
         print(f"stimage: error: {e}", file=sys.stderr)
         return 2

@@ -13,7 +13,7 @@ import pandas as pd
 from data_pipelines import keys
 from export.moments import ensemble_moments_np, predictive_interval
 
-__all__ = ["build_prediction"]
+__all__ = ["build_prediction", "predict_slide", "write_heatmaps"]
 
 
 def build_prediction(adata: ad.AnnData, mu: np.ndarray, r: np.ndarray, genes, provenance: dict,
@@ -44,3 +44,65 @@ def build_prediction(adata: ad.AnnData, mu: np.ndarray, r: np.ndarray, genes, pr
         keys.PREDICTION: {**provenance, "interval": interval},
     }
     return out
+
+
+def predict_slide(slide, params_fn, genes, provenance: dict, *, tile_um: float, tile_px: int,
+                  min_coverage: float = 0.7, batch_size: int = 32, progress: bool = True,
+                  interval: float = 0.8) -> ad.AnnData:
+    """Grid-tile a whole slide on tissue and predict every tile, one batch in memory at a time.
+
+    ``params_fn(tiles uint8 (b, px, px, 3)) -> (mu, r)`` each (members, b, genes): the JAX
+    model or the ONNX session. One obs per tile; ``obsm["spatial"]`` its centre in slide px.
+    """
+    from tqdm.auto import tqdm
+
+    from data_pipelines.wsi import grid_adata, iter_grid_tiles, slide_grid
+
+    centres, coverage, crop_px = slide_grid(slide, tile_um=tile_um, min_coverage=min_coverage)
+    skeleton = grid_adata(slide, centres, coverage, crop_px, tile_um)
+    mus, rs = [], []
+    batches = iter_grid_tiles(slide, centres, crop_px, tile_px, batch_size)
+    for _, tiles in tqdm(batches, total=-(-len(centres) // batch_size), desc="slide", disable=not progress):
+        mu, r = params_fn(tiles)
+        mus.append(np.asarray(mu))
+        rs.append(np.asarray(r))
+    mu, r = np.concatenate(mus, axis=1), np.concatenate(rs, axis=1)
+    prov = {**provenance, "slide": str(slide.path), "slide_mpp": slide.mpp, "min_coverage": min_coverage}
+    return build_prediction(skeleton, mu, r, genes, prov, interval=interval)
+
+
+def write_heatmaps(pred: ad.AnnData, genes, out_prefix, *, cell_px: int = 8, overwrite: bool = False) -> list:
+    """One PNG per gene: the predicted mean on the tile grid (viridis; white = no tissue).
+
+    Rendered with OpenCV so the ONNX runtime needs no plotting library.
+    """
+    import cv2
+
+    from data_pipelines.errors import StimageError
+    from data_pipelines.io import atomic_path
+
+    missing = [g for g in genes if g not in set(pred.var_names)]
+    if missing:
+        raise StimageError(f"gene(s) not predicted by this model: {', '.join(missing)}")
+    rows = pred.obs[keys.ARRAY_ROW].to_numpy()
+    cols = pred.obs[keys.ARRAY_COL].to_numpy()
+    r0, c0 = rows.min(), cols.min()
+    shape = (rows.max() - r0 + 1, cols.max() - c0 + 1)
+    paths = []
+    for g in genes:
+        v = np.asarray(pred[:, g].X).ravel().astype(np.float64)
+        lo, hi = np.percentile(v, [1, 99])
+        scaled = np.clip((v - lo) / (hi - lo if hi > lo else 1.0), 0, 1)
+        grid = np.zeros(shape, np.uint8)
+        grid[rows - r0, cols - c0] = np.round(scaled * 255).astype(np.uint8)
+        img = cv2.applyColorMap(grid, cv2.COLORMAP_VIRIDIS)
+        empty = np.ones(shape, bool)
+        empty[rows - r0, cols - c0] = False
+        img[empty] = 255
+        img = cv2.resize(img, (shape[1] * cell_px, shape[0] * cell_px), interpolation=cv2.INTER_NEAREST)
+        path = f"{out_prefix}_{g}.png"
+        with atomic_path(path, overwrite=overwrite) as tmp:
+            if not cv2.imwrite(str(tmp), img):  # the temporary name ends in .png too
+                raise StimageError(f"could not write {path}")
+        paths.append(path)
+    return paths

@@ -71,13 +71,34 @@ def cmd_predict(a) -> int | None:
     if str(a.model).endswith(".onnx"):  # the JAX-free runtime does the work
         from export.predict import main as onnx_main
 
-        argv = ["--model", a.model, "--data", a.data, "--out", a.out, "--batch-size", str(a.batch_size)]
+        argv = ["--model", a.model, "--out", a.out, "--batch-size", str(a.batch_size),
+                "--min-coverage", str(a.min_coverage)]
+        argv += ["--slide", a.slide] if a.slide else ["--data", a.data]
+        argv += (["--mpp", str(a.mpp)] if a.mpp else []) + (["--genes", a.genes] if a.genes else [])
         return onnx_main(argv + ["--overwrite"] * a.overwrite + ["--quiet"] * a.quiet)
     check_writable(a.out, a.overwrite)
     model = EnsembleModel.load(a.model)
-    pred = predict(read_h5ad(a.data), model, batch_size=a.batch_size, progress=not a.quiet)
-    write_h5ad(pred, a.out, overwrite=a.overwrite)
-    print(f"predicted {pred.n_vars} genes for {pred.n_obs} spots -> {a.out}")
+    if a.slide:
+        from data_pipelines.wsi import open_slide
+        from export.prediction import predict_slide, write_heatmaps
+        from stimage_jax.genes import check_genes
+        from stimage_jax.pipeline import provenance
+
+        genes = _csv(a.genes) if a.genes else []
+        check_genes(genes, model.genes, "the model's genes")
+        cfg = model.config
+        pred = predict_slide(open_slide(a.slide, mpp=a.mpp),
+                             lambda t: model.member_params(t, batch_size=len(t), progress=False),
+                             model.genes, {**provenance(cfg), "runtime": "jax"}, tile_um=cfg["tile_um"],
+                             tile_px=cfg["tile_px"], min_coverage=a.min_coverage, batch_size=a.batch_size,
+                             progress=not a.quiet)
+        write_h5ad(pred, a.out, overwrite=a.overwrite)
+        for p in write_heatmaps(pred, genes, str(a.out).removesuffix(".h5ad"), overwrite=a.overwrite):
+            print(f"heatmap -> {p}")
+    else:
+        pred = predict(read_h5ad(a.data), model, batch_size=a.batch_size, progress=not a.quiet)
+        write_h5ad(pred, a.out, overwrite=a.overwrite)
+    print(f"predicted {pred.n_vars} genes for {pred.n_obs} {'tiles' if a.slide else 'spots'} -> {a.out}")
 
 
 def cmd_export_onnx(a) -> None:
@@ -204,7 +225,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     pr = sub.add_parser("predict", parents=[common], help="predict expression for the spots of an .h5ad")
     pr.add_argument("--model", required=True, help="training workdir (or its model/ folder), or an exported .onnx")
-    pr.add_argument("--data", required=True)
+    src = pr.add_mutually_exclusive_group(required=True)
+    src.add_argument("--data", help=".h5ad of spots (with image)")
+    src.add_argument("--slide", help="H&E-only slide: pyramidal TIFF/SVS, or JPEG/PNG with --mpp")
+    pr.add_argument("--mpp", type=float, help="slide µm per pixel when its metadata lacks it")
+    pr.add_argument("--min-coverage", type=float, default=0.7, help="slide tiles need this tissue fraction")
+    pr.add_argument("--genes", help="slide: a heatmap PNG per gene, OUT_<gene>.png")
     pr.add_argument("--out", required=True)
     pr.add_argument("--batch-size", type=int, default=32)
     pr.add_argument("--overwrite", action="store_true")

@@ -78,3 +78,27 @@ def synthetic_study(tmp_path):
         a.write_h5ad(p)
         paths.append(p)
     return paths
+
+
+def _make_slide(path, *, mpp=0.5, size=(1200, 1600), svs_description=False, tags=True):
+    """Glass (near-white) with an H&E-pink disc of tissue in the middle, as a tiled pyramidal TIFF."""
+    import tifffile
+
+    h, w = size
+    img = np.full((h, w, 3), 242, np.uint8)
+    cv2.circle(img, (w // 2, h // 2), min(h, w) // 3, (200, 120, 170), -1)
+    rng = np.random.default_rng(0)
+    img = np.clip(img.astype(int) + rng.integers(-4, 5, img.shape), 0, 255).astype(np.uint8)
+    kw = dict(tile=(256, 256), photometric="rgb", compression="zlib")
+    extra = dict(resolution=(1e4 / mpp, 1e4 / mpp), resolutionunit="CENTIMETER") if tags else {}
+    desc = f"Aperio Image Library |AppMag = 20|MPP = {mpp}" if svs_description else None
+    with tifffile.TiffWriter(path) as tw:
+        tw.write(img, subifds=1, description=desc, metadata=None, **extra, **kw)
+        tw.write(img[::4, ::4], subfiletype=1, **kw)
+    return img
+
+
+@pytest.fixture
+def make_slide():
+    """Factory: make_slide(path, mpp=..., size=(h, w), svs_description=False, tags=True) -> image."""
+    return _make_slide
