@@ -116,3 +116,24 @@ def test_bad_models_and_tiles(synthetic_study, tmp_path):
         onx.params(np.zeros((2, 16, 16, 3), np.uint8))
     assert main(["predict", "--model", str(junk), "--data", str(synthetic_study[2]),
                  "--out", str(tmp_path / "x.h5ad")]) == 2
+
+
+def test_large_models_use_external_data(synthetic_study, tmp_path, monkeypatch):
+    import export.to_onnx as to_onnx_mod
+
+    wd = _train(synthetic_study[:2], tmp_path / "wd")
+    monkeypatch.setattr(to_onnx_mod, "TWO_GB", 1)  # pretend the tiny model is over protobuf's 2 GB
+    path = export_onnx(EnsembleModel.load(wd), tmp_path / "big.onnx")
+    assert (tmp_path / "big.onnx.data").stat().st_size > 1000  # tensors >= 1 KB moved out
+    tiles = np.random.default_rng(0).integers(0, 256, (3, 32, 32, 3), dtype=np.uint8)
+    mu_j, _ = graph_function(EnsembleModel.load(wd))(jnp.asarray(tiles))
+    np.testing.assert_allclose(OnnxEnsemble(path).params(tiles)[0], np.asarray(mu_j), rtol=1e-4)
+
+
+def test_unrunnable_opset_is_a_clear_error(synthetic_study, tmp_path):
+    wd = _train(synthetic_study[:2], tmp_path / "wd")
+    proto = onnx.load(export_onnx(EnsembleModel.load(wd), tmp_path / "m.onnx"))
+    proto.opset_import[0].version = 99  # from the future
+    onnx.save(proto, tmp_path / "future.onnx")
+    with pytest.raises(StimageError, match="not an ONNX model onnxruntime can run"):
+        OnnxEnsemble(tmp_path / "future.onnx")
