@@ -81,6 +81,10 @@ def predict_adata(adata, model: OnnxEnsemble, *, batch_size: int = 32, progress:
     return build_prediction(adata, mu, r, model.genes, prov, interval=interval)
 
 
+def _csv(s: str | None) -> list[str]:
+    return [g.strip() for g in s.split(",") if g.strip()] if s else []
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m export.predict", description=__doc__.splitlines()[0])
     ap.add_argument("--model", required=True, help="exported .onnx file")
@@ -103,20 +107,14 @@ def main(argv: list[str] | None = None) -> int:
         check_writable(a.out, a.overwrite)
         model = OnnxEnsemble(a.model)
         if a.slide:
-            from data_pipelines.wsi import open_slide
-            from export.prediction import predict_slide, write_heatmaps
+            from export.prediction import slide_to_files
 
-            genes = [g.strip() for g in a.genes.split(",") if g.strip()] if a.genes else []
-            bad = [g for g in genes if g not in model.genes]
-            if bad:
-                raise StimageError(f"gene(s) not predicted by this model: {', '.join(bad)}")
             prov = {**model.provenance, "runtime": "onnxruntime", "providers": list(model.providers)}
-            pred = predict_slide(open_slide(a.slide, mpp=a.mpp), lambda t: model.params(t, batch_size=len(t)),
-                                 model.genes, prov, tile_um=model.tile_um, tile_px=model.tile_px,
-                                 min_coverage=a.min_coverage, batch_size=a.batch_size, progress=not a.quiet,
-                                 interval=a.interval)
-            write_h5ad(pred, a.out, overwrite=a.overwrite)
-            for p in write_heatmaps(pred, genes, str(a.out).removesuffix(".h5ad"), overwrite=a.overwrite):
+            pred, maps = slide_to_files(a.slide, lambda t: model.params(t, batch_size=len(t)), model.genes, prov,
+                                        a.out, tile_um=model.tile_um, tile_px=model.tile_px, mpp=a.mpp,
+                                        heatmap_genes=_csv(a.genes), min_coverage=a.min_coverage,
+                                        batch_size=a.batch_size, overwrite=a.overwrite, progress=not a.quiet)
+            for p in maps:
                 print(f"heatmap -> {p}")
         else:
             pred = predict_adata(read_h5ad(a.data), model, batch_size=a.batch_size, progress=not a.quiet,

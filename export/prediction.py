@@ -13,7 +13,7 @@ import pandas as pd
 from data_pipelines import keys
 from export.moments import ensemble_moments_np, predictive_interval
 
-__all__ = ["build_prediction", "predict_slide", "write_heatmaps"]
+__all__ = ["build_prediction", "predict_slide", "slide_to_files", "write_heatmaps"]
 
 
 def build_prediction(adata: ad.AnnData, mu: np.ndarray, r: np.ndarray, genes, provenance: dict,
@@ -106,3 +106,22 @@ def write_heatmaps(pred: ad.AnnData, genes, out_prefix, *, cell_px: int = 8, ove
                 raise StimageError(f"could not write {path}")
         paths.append(path)
     return paths
+
+
+def slide_to_files(slide_path, params_fn, genes, provenance: dict, out, *, tile_um: float, tile_px: int,
+                   mpp: float | None = None, heatmap_genes=(), min_coverage: float = 0.7,
+                   batch_size: int = 32, overwrite: bool = False, progress: bool = True):
+    """The ``--slide`` command for either runtime: predict, write ``out`` (.h5ad) and
+    ``<out stem>_<gene>.png`` heatmaps. Unknown heatmap genes fail before any work."""
+    from data_pipelines.errors import StimageError
+    from data_pipelines.io import check_writable, write_h5ad
+    from data_pipelines.wsi import open_slide
+
+    bad = [g for g in heatmap_genes if g not in set(genes)]
+    if bad:
+        raise StimageError(f"gene(s) not predicted by this model: {', '.join(bad)}")
+    check_writable(out, overwrite)
+    pred = predict_slide(open_slide(slide_path, mpp=mpp), params_fn, genes, provenance, tile_um=tile_um,
+                         tile_px=tile_px, min_coverage=min_coverage, batch_size=batch_size, progress=progress)
+    write_h5ad(pred, out, overwrite=overwrite)
+    return pred, write_heatmaps(pred, heatmap_genes, str(out).removesuffix(".h5ad"), overwrite=overwrite)

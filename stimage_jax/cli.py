@@ -79,21 +79,16 @@ def cmd_predict(a) -> int | None:
     check_writable(a.out, a.overwrite)
     model = EnsembleModel.load(a.model)
     if a.slide:
-        from data_pipelines.wsi import open_slide
-        from export.prediction import predict_slide, write_heatmaps
-        from stimage_jax.genes import check_genes
+        from export.prediction import slide_to_files
         from stimage_jax.pipeline import provenance
 
-        genes = _csv(a.genes) if a.genes else []
-        check_genes(genes, model.genes, "the model's genes")
         cfg = model.config
-        pred = predict_slide(open_slide(a.slide, mpp=a.mpp),
-                             lambda t: model.member_params(t, batch_size=len(t), progress=False),
-                             model.genes, {**provenance(cfg), "runtime": "jax"}, tile_um=cfg["tile_um"],
-                             tile_px=cfg["tile_px"], min_coverage=a.min_coverage, batch_size=a.batch_size,
-                             progress=not a.quiet)
-        write_h5ad(pred, a.out, overwrite=a.overwrite)
-        for p in write_heatmaps(pred, genes, str(a.out).removesuffix(".h5ad"), overwrite=a.overwrite):
+        pred, maps = slide_to_files(a.slide, lambda t: model.member_params(t, batch_size=len(t), progress=False),
+                                    model.genes, {**provenance(cfg), "runtime": "jax"}, a.out,
+                                    tile_um=cfg["tile_um"], tile_px=cfg["tile_px"], mpp=a.mpp,
+                                    heatmap_genes=_csv(a.genes), min_coverage=a.min_coverage,
+                                    batch_size=a.batch_size, overwrite=a.overwrite, progress=not a.quiet)
+        for p in maps:
             print(f"heatmap -> {p}")
     else:
         pred = predict(read_h5ad(a.data), model, batch_size=a.batch_size, progress=not a.quiet)
