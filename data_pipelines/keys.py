@@ -10,7 +10,7 @@ from __future__ import annotations
 __all__ = [
     "SAMPLE", "ARRAY_ROW", "ARRAY_COL", "SPATIAL", "SPATIAL_UNS", "STIMAGE_UNS",
     "MPP", "SPOT_DIAMETER_UM", "IMAGE_PATH", "LABEL", "TILE_BORDER_FRAC",
-    "VAR_ALEATORIC", "VAR_EPISTEMIC", "Q_LO", "Q_HI", "MEMBER_MEAN",
+    "VAR_ALEATORIC", "VAR_EPISTEMIC", "Q_LO", "Q_HI", "MEMBER_MEAN", "MEMBER_MU", "MEMBER_R",
     "SPOT_DIAMETER_FULLRES", "IMAGE_SCALE", "LIBRARY_ID", "PLATFORM", "DROPPED", "PREDICTION",
 ]
 
@@ -43,3 +43,5 @@ VAR_EPISTEMIC = "var_epistemic"      # variance over members of NB mean
 Q_LO = "q_lo"
 Q_HI = "q_hi"
 MEMBER_MEAN = "member_mean"          # obsm: (n_spots, members, genes), optional
+MEMBER_MU = "nb_member_mu"           # obsm: (n_spots, members, genes) members' NB means
+MEMBER_R = "nb_member_r"             # obsm: (n_spots, members, genes) members' NB dispersions

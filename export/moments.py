@@ -11,7 +11,7 @@ from __future__ import annotations
 import numpy as np
 from scipy.stats import nbinom
 
-__all__ = ["ensemble_moments_np", "nb_mixture_quantile", "predictive_interval"]
+__all__ = ["ensemble_moments_np", "mixture_logpmf", "nb_mixture_quantile", "predictive_interval"]
 
 
 def ensemble_moments_np(mu: np.ndarray, r: np.ndarray) -> dict[str, np.ndarray]:
@@ -57,3 +57,13 @@ def predictive_interval(mu: np.ndarray, r: np.ndarray, level: float = 0.8) -> tu
     if not 0.0 < level < 1.0:
         raise ValueError(f"interval level must be in (0, 1), got {level}")
     return (nb_mixture_quantile(mu, r, (1 - level) / 2), nb_mixture_quantile(mu, r, (1 + level) / 2))
+
+
+def mixture_logpmf(k: np.ndarray, mu: np.ndarray, r: np.ndarray) -> np.ndarray:
+    """log P(k) under the equal-weight mixture of members' NB. k (N, G); mu, r (M, N, G) → (N, G)."""
+    from scipy.special import logsumexp
+
+    mu = np.asarray(mu, np.float64)
+    r = np.asarray(r, np.float64)
+    lp = nbinom.logpmf(np.asarray(k)[None], r, r / (r + mu))
+    return logsumexp(lp, axis=0) - np.log(mu.shape[0])

@@ -17,8 +17,11 @@ __all__ = ["build_prediction", "predict_slide", "slide_to_files", "write_heatmap
 
 
 def build_prediction(adata: ad.AnnData, mu: np.ndarray, r: np.ndarray, genes, provenance: dict,
-                     *, interval: float = 0.8) -> ad.AnnData:
+                     *, interval: float = 0.8, keep_members: bool = True) -> ad.AnnData:
     """mu, r: (members, spots, genes) → AnnData with X = mean and the uncertainty layers.
+
+    ``keep_members`` stores the members' NB parameters in ``obsm`` (spots, members, genes),
+    which ``stimage evaluate`` needs for the mixture likelihood; slides skip it (size).
 
     Same obs, obsm["spatial"] and uns["spatial"] as ``adata``; ``r = inf`` everywhere marks
     a point-prediction model (no aleatoric variance, degenerate interval).
@@ -36,6 +39,9 @@ def build_prediction(adata: ad.AnnData, mu: np.ndarray, r: np.ndarray, genes, pr
     out.layers[keys.Q_HI] = np.asarray(q_hi, np.float32)
     if keys.SPATIAL in adata.obsm:
         out.obsm[keys.SPATIAL] = np.asarray(adata.obsm[keys.SPATIAL])
+    if keep_members:
+        out.obsm[keys.MEMBER_MU] = np.ascontiguousarray(np.moveaxis(np.asarray(mu, np.float32), 0, 1))
+        out.obsm[keys.MEMBER_R] = np.ascontiguousarray(np.moveaxis(np.asarray(r, np.float32), 0, 1))
     if keys.SPATIAL_UNS in adata.uns:
         out.uns[keys.SPATIAL_UNS] = adata.uns[keys.SPATIAL_UNS]
     src = dict(adata.uns.get(keys.STIMAGE_UNS, {}))
@@ -68,7 +74,7 @@ def predict_slide(slide, params_fn, genes, provenance: dict, *, tile_um: float, 
         rs.append(np.asarray(r))
     mu, r = np.concatenate(mus, axis=1), np.concatenate(rs, axis=1)
     prov = {**provenance, "slide": str(slide.path), "slide_mpp": slide.mpp, "min_coverage": min_coverage}
-    return build_prediction(skeleton, mu, r, genes, prov, interval=interval)
+    return build_prediction(skeleton, mu, r, genes, prov, interval=interval, keep_members=False)
 
 
 def write_heatmaps(pred: ad.AnnData, genes, out_prefix, *, cell_px: int = 8, overwrite: bool = False) -> list:

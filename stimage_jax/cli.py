@@ -127,7 +127,9 @@ def _evaluate(pred_path, truth_path, out, overwrite, plot=None, plot_genes=None)
     if missing:
         print(f"{len(missing)} predicted gene(s) absent from the truth, not scored: {', '.join(missing)}")
     print(f"{s['rows']} sample x gene rows: mean PCC {s['mean_pcc']:.3f}, median PCC {s['median_pcc']:.3f}, "
-          f"mean Spearman {s['mean_spearman']:.3f}, PCC > 0 for {s['n_pcc_positive']}, NaN {s['n_nan']} -> {out}")
+          f"mean Spearman {s['mean_spearman']:.3f}, PCC > 0 for {s['n_pcc_positive']}, NaN {s['n_nan']}"
+          + (f", interval coverage {s['coverage']:.3f}" if "coverage" in s else "")
+          + (f", NB-mixture NLL {s['nll']:.3f}" if "nll" in s else "") + f" -> {out}")
     if plot:
         from stimage_jax.plots import plot_spatial_genes
 

@@ -44,7 +44,10 @@ def evaluate(pred, truth) -> tuple[pd.DataFrame, list[str]]:
     """Score predicted means against observed counts, per sample and gene.
 
     Spots are matched by ``obs_names``; genes by name. Returns (table, genes missing from
-    the truth). Table columns: sample, gene, n_spots, pcc, spearman, note.
+    the truth). Table columns: sample, gene, n_spots, pcc, spearman, note, and — when the
+    prediction carries them — ``coverage`` (fraction of observed counts inside
+    [q_lo, q_hi]) and ``nll`` (mean negative log-likelihood of the counts under the
+    members' NB mixture).
     """
     spots = pred.obs_names.intersection(truth.obs_names)
     if len(spots) == 0:
@@ -68,15 +71,26 @@ def evaluate(pred, truth) -> tuple[pd.DataFrame, list[str]]:
         pcc, rho = pearson_per_gene(P, T), spearman_per_gene(P, T)
         const_t, const_p = T.std(0) == 0, P.std(0) == 0
         note = np.where(const_t, "constant in truth", np.where(const_p, "constant prediction", ""))
-        rows.append(pd.DataFrame({"sample": s, "gene": genes, "n_spots": int(m.sum()),
-                                  "pcc": pcc, "spearman": rho, "note": note}))
+        row = {"sample": s, "gene": genes, "n_spots": int(m.sum()), "pcc": pcc, "spearman": rho, "note": note}
+        if keys.Q_LO in p_all.layers and keys.Q_HI in p_all.layers:
+            lo, hi = _dense(p_all.layers[keys.Q_LO][m]), _dense(p_all.layers[keys.Q_HI][m])
+            row["coverage"] = ((T >= lo) & (T <= hi)).mean(0)
+        if keys.MEMBER_MU in p_all.obsm and keys.MEMBER_R in p_all.obsm:
+            from export.moments import mixture_logpmf
+
+            mu = np.moveaxis(np.asarray(p_all.obsm[keys.MEMBER_MU])[m], 1, 0)
+            r = np.moveaxis(np.asarray(p_all.obsm[keys.MEMBER_R])[m], 1, 0)
+            if np.isfinite(r).all():  # a point model (r = inf) has no likelihood
+                row["nll"] = -mixture_logpmf(T, mu, r).mean(0)
+        rows.append(pd.DataFrame(row))
     return pd.concat(rows, ignore_index=True), missing
 
 
 def summarise(table: pd.DataFrame) -> dict:
     """Mean/median PCC over (sample, gene) rows and the count of genes with PCC > 0."""
     pcc = table["pcc"]
-    return {"rows": int(len(table)), "mean_pcc": float(np.nanmean(pcc)) if pcc.notna().any() else float("nan"),
+    extra = {k: float(np.nanmean(table[k])) for k in ("coverage", "nll") if k in table}
+    return {**extra, "rows": int(len(table)), "mean_pcc": float(np.nanmean(pcc)) if pcc.notna().any() else float("nan"),
             "median_pcc": float(np.nanmedian(pcc)) if pcc.notna().any() else float("nan"),
             "mean_spearman": float(np.nanmean(table["spearman"])) if table["spearman"].notna().any() else float("nan"),
             "n_pcc_positive": int((pcc > 0).sum()), "n_nan": int(pcc.isna().sum())}

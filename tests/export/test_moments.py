@@ -48,3 +48,13 @@ def test_interval_covers_nominal_fraction_of_draws(rng):
     draws = nbinom.rvs(r.ravel()[m], (r / (r + mu)).ravel()[m], random_state=3)
     cover = np.mean((draws >= lo.item()) & (draws <= hi.item()))
     assert 0.8 <= cover < 0.9  # discrete: at least nominal, not far above
+
+
+def test_mixture_logpmf_is_log_of_mean_pmf(members, rng):
+    from export.moments import mixture_logpmf
+
+    mu, r = members
+    k = rng.poisson(4.0, size=mu.shape[1:])
+    ref = np.log(nbinom.pmf(k[None], r, r / (r + mu)).mean(0))
+    np.testing.assert_allclose(mixture_logpmf(k, mu, r), ref, rtol=1e-10)
+    np.testing.assert_allclose(mixture_logpmf(k, mu[:1], r[:1]), nbinom.logpmf(k, r[0], r[0] / (r[0] + mu[0])), rtol=1e-12)

@@ -50,3 +50,25 @@ def test_evaluate_no_common_spots():
     b = _ad(np.ones((2, 1)), ["c", "d"], ["G"], ["x", "x"])
     with pytest.raises(StimageError, match="no spot"):
         evaluate(a, b)
+
+
+def test_uncertainty_columns_coverage_and_mixture_nll(rng):
+    from scipy.stats import nbinom
+
+    from data_pipelines import keys
+    from export.prediction import build_prediction
+
+    n, m = 300, 3
+    mu = rng.gamma(3.0, 2.0, size=(m, n, 2))
+    r = np.full((m, n, 2), 2.0)
+    truth_counts = nbinom.rvs(2.0, 2.0 / (2.0 + mu[0]), random_state=1)  # drawn from member 0
+    spots = [f"s{i}" for i in range(n)]
+    truth = _ad(truth_counts, spots, ["A", "B"], ["x"] * n)
+    pred = build_prediction(truth, mu, r, ["A", "B"], {"test": True}, interval=0.8)
+    table, _ = evaluate(pred, truth)
+    lo, hi = pred.layers["q_lo"], pred.layers["q_hi"]
+    np.testing.assert_allclose(table["coverage"], ((truth_counts >= lo) & (truth_counts <= hi)).mean(0))
+    ref = -np.log(nbinom.pmf(truth_counts[None], r, r / (r + mu)).mean(0)).mean(0)
+    np.testing.assert_allclose(table["nll"], ref, rtol=1e-6)
+    assert 0.7 < table["coverage"].mean() < 0.97  # counts drawn from a mixture member: roughly nominal
+    assert pred.obsm[keys.MEMBER_MU].shape == (n, m, 2)
