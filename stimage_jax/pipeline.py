@@ -26,7 +26,7 @@ from data_pipelines import keys
 from data_pipelines.errors import StimageError
 from data_pipelines.io import atomic_path
 from data_pipelines.slides import read_h5ad
-from data_pipelines.tiles import spot_tiles
+from data_pipelines.tiles import spot_tiles, tile_geometry
 from export.prediction import build_prediction
 from stimage_jax import __version__
 from stimage_jax.ensemble.model import MODEL_FORMAT, EnsembleModel, STimageNet, build_member
@@ -72,9 +72,10 @@ def _sample_id(a) -> str:
 
 
 def _tile_um(adatas, tile_um):
+    """One physical tile size for all training samples (default: their common spot diameter)."""
     if tile_um is not None:
         return float(tile_um)
-    ums = {float(a.uns[keys.STIMAGE_UNS][keys.SPOT_DIAMETER_UM]) for a in adatas}
+    ums = {tile_geometry(a)["tile_um"] for a in adatas}
     if len(ums) != 1:
         raise StimageError(f"training samples have different spot diameters {sorted(ums)} µm; "
                            "pass --tile-um to tile them all at one physical size")
