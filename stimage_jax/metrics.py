@@ -47,7 +47,9 @@ def evaluate(pred, truth) -> tuple[pd.DataFrame, list[str]]:
     the truth). Table columns: sample, gene, n_spots, pcc, spearman, note, and — when the
     prediction carries them — ``coverage`` (fraction of observed counts inside
     [q_lo, q_hi]) and ``nll`` (mean negative log-likelihood of the counts under the
-    members' NB mixture).
+    members' NB mixture); with spot coordinates, Moran's I of the observed and predicted
+    expression, the bivariate Moran's I of prediction with observation (``moran_bv``), the
+    paper's spatial ``iou`` (grid only) and the neighbour rule used (``weights``).
     """
     spots = pred.obs_names.intersection(truth.obs_names)
     if len(spots) == 0:
@@ -82,6 +84,15 @@ def evaluate(pred, truth) -> tuple[pd.DataFrame, list[str]]:
             r = np.moveaxis(np.asarray(p_all.obsm[keys.MEMBER_R])[m], 1, 0)
             if np.isfinite(r).all():  # a point model (r = inf) has no likelihood
                 row["nll"] = -mixture_logpmf(T, mu, r).mean(0)
+        if keys.ARRAY_ROW in t_all.obs or keys.SPATIAL in t_all.obsm:
+            from stimage_jax.spatial_metrics import morans_i, morans_i_bv, spatial_iou, spatial_weights
+
+            w, rule = spatial_weights(t_all[m])
+            row.update(moran_i_obs=morans_i(T, w), moran_i_pred=morans_i(P, w),
+                       moran_bv=morans_i_bv(P, T, w), weights=rule)
+            if keys.ARRAY_ROW in t_all.obs:
+                obs_m = t_all.obs[m]
+                row["iou"] = spatial_iou(P, T, obs_m[keys.ARRAY_ROW].to_numpy(), obs_m[keys.ARRAY_COL].to_numpy())
         rows.append(pd.DataFrame(row))
     return pd.concat(rows, ignore_index=True), missing
 
@@ -89,7 +100,7 @@ def evaluate(pred, truth) -> tuple[pd.DataFrame, list[str]]:
 def summarise(table: pd.DataFrame) -> dict:
     """Mean/median PCC over (sample, gene) rows and the count of genes with PCC > 0."""
     pcc = table["pcc"]
-    extra = {k: float(np.nanmean(table[k])) for k in ("coverage", "nll") if k in table}
+    extra = {k: float(np.nanmean(table[k])) for k in ("coverage", "nll", "moran_bv", "iou") if k in table}
     return {**extra, "rows": int(len(table)), "mean_pcc": float(np.nanmean(pcc)) if pcc.notna().any() else float("nan"),
             "median_pcc": float(np.nanmedian(pcc)) if pcc.notna().any() else float("nan"),
             "mean_spearman": float(np.nanmean(table["spearman"])) if table["spearman"].notna().any() else float("nan"),
