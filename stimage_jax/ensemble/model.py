@@ -62,6 +62,15 @@ def _host(tree):
     return jax.tree.map(f, tree)
 
 
+def _abstract_host(module):
+    """The restore target of ``module``'s state: shapes/dtypes as saved by :func:`_host`."""
+    def f(a):
+        if jax.dtypes.issubdtype(a.dtype, jax.dtypes.prng_key):
+            return jax.eval_shape(jax.random.key_data, a)
+        return jax.ShapeDtypeStruct(a.shape, a.dtype)
+    return jax.tree.map(f, nnx.to_pure_dict(nnx.state(module)))
+
+
 @dataclasses.dataclass
 class EnsembleModel:
     """config (model.json), an optional shared frozen backbone, and the member modules."""
@@ -106,30 +115,33 @@ class EnsembleModel:
             raise StimageError(f"{meta} is corrupt: {e}") from None
         if cfg.get("format") != MODEL_FORMAT:
             raise StimageError(f"{meta} has format {cfg.get('format')!r}, expected {MODEL_FORMAT!r}")
-        rngs = nnx.Rngs(0)
         ckptr = ocp.StandardCheckpointer()
 
-        def restore(path, like):
-            target = _host(like)
+        def restore(path, target):
             try:
                 return ckptr.restore(path.absolute(), target)
             except Exception as e:
                 raise StimageError(f"model checkpoint {path} is missing or corrupt "
                                    f"({type(e).__name__}); retrain or restore the folder") from None
 
+        # Modules are built abstractly (nnx.eval_shape) and filled from the checkpoint:
+        # random initialisation cost ~11 s of XLA compilation per load on 2 CPU cores
+        # (EfficientNet-Lite0), only to be overwritten.
+        def abstract(make):
+            return nnx.eval_shape(make)
+
         backbone = None
         if not cfg["fine_tune"]:
-            backbone = create_backbone(cfg["backbone"], rngs=rngs)
-            _load_into(backbone, restore(model_dir / "backbone", nnx.to_pure_dict(nnx.state(backbone))))
+            backbone = abstract(lambda: create_backbone(cfg["backbone"], rngs=nnx.Rngs(0)))
+            _load_into(backbone, restore(model_dir / "backbone", _abstract_host(backbone)))
             backbone.eval()
-        template = build_member(cfg, rngs=rngs)
-        like = nnx.to_pure_dict(nnx.state(template))
         m = cfg["members"]
+        one = _abstract_host(abstract(lambda: build_member(cfg, rngs=nnx.Rngs(0))))
         stacked = restore(model_dir / "members",
-                          jax.tree.map(lambda a: np.zeros((m, *np.shape(_host(a))), _host(a).dtype), like))
+                          jax.tree.map(lambda a: jax.ShapeDtypeStruct((m, *a.shape), a.dtype), one))
         members = []
         for i in range(m):
-            mod = build_member(cfg, rngs=nnx.Rngs(i))
+            mod = abstract(lambda: build_member(cfg, rngs=nnx.Rngs(0)))
             _load_into(mod, jax.tree.map(lambda a: a[i], stacked))
             mod.eval()
             members.append(mod)
