@@ -68,16 +68,20 @@ def export_onnx(model: EnsembleModel, out: str | os.PathLike, *, overwrite: bool
     """Write ``model`` as ONNX to ``out`` (atomically) and return the path."""
     cfg = model.config
     px = int(cfg["tile_px"])
-    for mod in [model.backbone, *model.members]:
-        if mod is not None:
-            _set_depthwise(mod, "conv")
-            mod.eval()
+    mods = [mod for mod in [model.backbone, *model.members] if mod is not None]
+    for mod in mods:
+        _set_depthwise(mod, "conv")  # ONNX runtimes have fast grouped convolutions
+        mod.eval()
     batch = jax.export.symbolic_shape("B")[0]
     spec = jax.ShapeDtypeStruct((batch, px, px, 3), jnp.uint8)
     from jax2onnx import to_onnx
 
-    proto = to_onnx(graph_function(model), [spec], model_name="stimage", opset=opset,
-                    input_names=["tiles"], output_names=["mu", "r"])
+    try:
+        proto = to_onnx(graph_function(model), [spec], model_name="stimage", opset=opset,
+                        input_names=["tiles"], output_names=["mu", "r"])
+    finally:
+        for mod in mods:  # the caller's model keeps its backend-chosen fast path
+            _set_depthwise(mod, "auto")
     del proto.graph.value_info[:]  # jax2onnx leaves stale shapes on residual nets
     meta = {"format": ONNX_FORMAT, "genes": json.dumps(cfg["genes"]), "tile_um": str(cfg["tile_um"]),
             "tile_px": str(px), "backbone": cfg["backbone"], "members": str(cfg["members"]),

@@ -137,3 +137,13 @@ def test_unrunnable_opset_is_a_clear_error(synthetic_study, tmp_path):
     onnx.save(proto, tmp_path / "future.onnx")
     with pytest.raises(StimageError, match="not an ONNX model onnxruntime can run"):
         OnnxEnsemble(tmp_path / "future.onnx")
+
+
+def test_export_leaves_the_models_fast_path_alone(synthetic_study, tmp_path):
+    from flax import nnx
+
+    wd = _train(synthetic_study[:2], tmp_path / "wd", "--members", "1")
+    model = EnsembleModel.load(wd)
+    export_onnx(model, tmp_path / "m.onnx")
+    impls = {sub.depthwise_impl for _, sub in nnx.iter_graph(model.backbone) if hasattr(sub, "depthwise_impl")}
+    assert impls == {"auto"}
