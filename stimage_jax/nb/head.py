@@ -58,11 +58,13 @@ def init_head_from_data(head: NBHead, feats: np.ndarray, counts: np.ndarray) -> 
     # fires — carries nothing the head could learn, but dividing by its ~0 std would blow
     # any non-zero value on a new slide up by 1e6 and saturate the mean. Ignore it instead.
     alive = std > 1e-3 * (np.median(std[std > 0]) if np.any(std > 0) else 1.0)
-    head.feat_mean[...] = jnp.asarray(feats.mean(0), jnp.float32)
-    head.feat_scale[...] = jnp.asarray(np.where(alive, std, np.inf), jnp.float32)
+    # Broadcasting also fills stacked heads (a leading member axis) with the same values.
+    fill = lambda var, v: var.__setitem__(..., jnp.broadcast_to(jnp.asarray(v, jnp.float32), var.shape))  # noqa: E731
+    fill(head.feat_mean, feats.mean(0))
+    fill(head.feat_scale, np.where(alive, std, np.inf))
     mean = counts.mean(0) + 1e-3
     excess = np.maximum(counts.var(0) - mean, 1e-6)
     r = np.clip(mean**2 / excess, 0.01, 100.0)
-    head.mu_out.bias[...] = jnp.asarray(np.log(mean), jnp.float32)
-    head.r_out.bias[...] = jnp.asarray(np.log(r), jnp.float32)
+    fill(head.mu_out.bias, np.log(mean))
+    fill(head.r_out.bias, np.log(r))
     return head
