@@ -24,6 +24,7 @@ import jax.numpy as jnp
 import onnx
 from flax import nnx
 
+from data_pipelines.errors import StimageError
 from data_pipelines.io import atomic_path
 from stimage_jax.ensemble.model import EnsembleModel
 from stimage_jax.nb.distribution import params_from_logits
@@ -51,10 +52,11 @@ def graph_function(model: EnsembleModel):
         return params_from_logits(a, b)
 
     def fn(tiles):
-        feats = model.backbone(tiles) if model.backbone is not None else None
+        # Each frozen backbone runs once; its heads share the features (FSTimage: several).
+        feats = {name: bb(tiles) for name, bb in model.backbones.items()}
         mus, rs = [], []
-        for mem in model.members:  # a loop, not vmap (see module docstring)
-            out = mem(feats) if feats is not None else mem(tiles)
+        for mem, src in zip(model.members, model.member_sources):  # a loop, not vmap (see docstring)
+            out = mem(feats[src]) if src in feats else mem(tiles)
             mu, r = to_params(*out)
             mus.append(mu)
             rs.append(r)
@@ -67,8 +69,12 @@ def export_onnx(model: EnsembleModel, out: str | os.PathLike, *, overwrite: bool
                 opset: int = 23) -> Path:
     """Write ``model`` as ONNX to ``out`` (atomically) and return the path."""
     cfg = model.config
+    emb = model.embedding_sources()
+    if emb:
+        raise StimageError(f"members trained on precomputed embeddings ({', '.join(s['key'] for s in emb)}) "
+                           "take features, not tiles: only tile-input models export to ONNX")
     px = int(cfg["tile_px"])
-    mods = [mod for mod in [model.backbone, *model.members] if mod is not None]
+    mods = [*model.backbones.values(), *model.members]
     for mod in mods:
         _set_depthwise(mod, "conv")  # ONNX runtimes have fast grouped convolutions
         mod.eval()

@@ -54,12 +54,14 @@ def cmd_train(a) -> None:
     from stimage_jax.pipeline import train
 
     model = train(a.data, a.workdir, genes=a.genes, backbone=a.backbone, weights=a.weights,
-                  members=a.members, fine_tune=a.fine_tune, tile_um=a.tile_um, tile_px=a.tile_px,
+                  embeddings=a.embeddings, members=a.members, fine_tune=a.fine_tune,
+                  strategy=a.ensemble_strategy, tile_um=a.tile_um, tile_px=a.tile_px,
                   val_samples=_csv(a.val_samples) if a.val_samples else None,
                   config=_train_config(a), dropout=a.dropout, seed=a.seed, progress=not a.quiet,
                   overwrite=a.overwrite)
     print(f"trained {model.config['members']} member(s) on {', '.join(model.config['training_samples'])} "
-          f"({len(model.genes)} genes, backbone {model.config['backbone']}) -> {Path(a.workdir) / 'model'}")
+          f"({len(model.genes)} genes, features {model.config['backbone']}, {model.config['strategy']} strategy) "
+          f"-> {Path(a.workdir) / 'model'}")
 
 
 def cmd_predict(a) -> int | None:
@@ -91,7 +93,8 @@ def cmd_predict(a) -> int | None:
         for p in maps:
             print(f"heatmap -> {p}")
     else:
-        pred = predict(read_h5ad(a.data), model, batch_size=a.batch_size, progress=not a.quiet)
+        pred = predict(read_h5ad(a.data), model, batch_size=a.batch_size, progress=not a.quiet,
+                       embeddings=a.embeddings)
         write_h5ad(pred, a.out, overwrite=a.overwrite)
     print(f"predicted {pred.n_vars} genes for {pred.n_obs} {'tiles' if a.slide else 'spots'} -> {a.out}")
 
@@ -200,9 +203,16 @@ def build_parser() -> argparse.ArgumentParser:
     t = sub.add_parser("train", parents=[common], help="train an NB regression ensemble")
     t.add_argument("--data", nargs="+", required=True, help=".h5ad files (one or more samples each)")
     t.add_argument("--genes", default="markers", help="markers | top-hvg:N | file:PATH | G1,G2,...")
-    t.add_argument("--backbone", default="efficientnet_lite0")
-    t.add_argument("--weights", help="pretrained weights (safetensors; .pth with torch installed)")
-    t.add_argument("--members", type=int, default=1)
+    t.add_argument("--backbone", help="feature extractor(s), comma separated for an FSTimage ensemble "
+                   "(default efficientnet_lite0, or none with --embeddings)")
+    t.add_argument("--weights", help="pretrained weights (safetensors; .pth with torch installed); "
+                   "one per backbone, comma separated")
+    t.add_argument("--embeddings", help="precomputed spot embeddings (UNI, Virchow2, ...): an obsm key, "
+                   "or a folder of <sample>.npy; trained as one more feature source")
+    t.add_argument("--members", type=int, default=1, help="members per feature source")
+    t.add_argument("--ensemble-strategy", default="auto", choices=["auto", "vmap", "loop"],
+                   help="train members at once (vmap) or one by one (loop); auto: loop when "
+                        "fine-tuning on CPU, else vmap")
     t.add_argument("--fine-tune", action="store_true", help="train the backbone too (slow on CPU)")
     t.add_argument("--val-samples", help="samples used for early stopping (default: the last one)")
     t.add_argument("--tile-um", type=float, help="tile side in µm (default: spot diameter)")
@@ -228,6 +238,7 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--mpp", type=float, help="slide µm per pixel when its metadata lacks it")
     pr.add_argument("--min-coverage", type=float, default=0.7, help="slide tiles need this tissue fraction")
     pr.add_argument("--genes", help="slide: a heatmap PNG per gene, OUT_<gene>.png")
+    pr.add_argument("--embeddings", help="embedding models: obsm key or folder (default: as trained)")
     pr.add_argument("--out", required=True)
     pr.add_argument("--batch-size", type=int, default=32)
     pr.add_argument("--overwrite", action="store_true")

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import anndata as ad
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pandas as pd
 from flax import nnx
@@ -29,8 +30,10 @@ from data_pipelines.slides import read_h5ad
 from data_pipelines.tiles import spot_tiles, tile_geometry
 from export.prediction import build_prediction
 from stimage_jax import __version__
-from stimage_jax.ensemble.model import MODEL_FORMAT, EnsembleModel, STimageNet, build_member
-from stimage_jax.ensemble.train import TrainConfig, fit_member
+from stimage_jax.ensemble.model import MODEL_FORMAT, EnsembleModel, build_member
+from stimage_jax.ensemble.stacked import create_members, fit_ensemble, resolve_strategy, stack_members, unstack_members
+from stimage_jax.ensemble.train import TrainConfig
+from stimage_jax.features.embeddings import embedding_source_name, load_embeddings
 from stimage_jax.features.extract import cached_features, weights_fingerprint
 from stimage_jax.features.registry import BACKBONES, DEFAULT_WEIGHTS, create_backbone
 from stimage_jax.genes import check_genes, select_genes
@@ -95,29 +98,60 @@ def sample_features(backbone, adatas, geometry, weights_fp, cache: Path, batch_s
     return feats
 
 
-def train(data, workdir: str | os.PathLike, *, genes: str = "markers",
-          backbone: str = "efficientnet_lite0", weights: str | os.PathLike | None = None,
-          members: int = 1, fine_tune: bool = False, tile_um: float | None = None,
-          tile_px: int = 299, val_samples: list[str] | None = None,
-          config: TrainConfig = TrainConfig(), head_hidden: int = 0, dropout: float = 0.0,
-          seed: int = 0, feature_batch_size: int = 32, progress: bool = True,
-          overwrite: bool = False, cache_dir: str | os.PathLike | None = None) -> EnsembleModel:
-    """Train an ensemble of ``members`` NB models; return it (also saved in ``workdir/model``).
+def _parse_sources(backbone, embeddings, weights) -> list[dict]:
+    """--backbone a,b and --embeddings KEY → feature sources (see ensemble.model)."""
+    names = [] if backbone is None else ([b.strip() for b in backbone.split(",") if b.strip()]
+                                         if isinstance(backbone, str) else list(backbone))
+    if not names and embeddings is None:
+        names = ["efficientnet_lite0"]
+    for b in names:
+        if b not in BACKBONES:
+            raise StimageError(f"unknown backbone {b!r}; choose from {', '.join(sorted(BACKBONES))}")
+    if len(set(names)) != len(names):
+        raise StimageError(f"backbone listed twice in {','.join(names)}")
+    if weights is None:
+        wlist = [DEFAULT_WEIGHTS.get(b) for b in names]
+    else:
+        wlist = [w.strip() or None for w in weights.split(",")] if isinstance(weights, str) else list(
+            weights if isinstance(weights, (list, tuple)) else [weights])
+        if len(wlist) != len(names):
+            raise StimageError(f"{len(wlist)} weights file(s) for {len(names)} backbone(s): give one per backbone")
+    sources = []
+    for b, w in zip(names, wlist):
+        if w is not None and not Path(w).is_file():
+            raise StimageError(f"weights file {w} not found")
+        sources.append({"name": b, "kind": "backbone", "backbone": b, "weights": None if w is None else str(w)})
+    if embeddings is not None:
+        sources.append({"name": embedding_source_name(embeddings), "kind": "embeddings", "key": str(embeddings)})
+    return sources
 
-    data: .h5ad paths or AnnData objects (one or more samples each). Validation (early
-    stopping) uses whole samples: ``val_samples``, or by default the last training sample
-    when there are at least two; never spots of a training sample. Tiles and features are
-    cached under ``cache_dir`` (default ``workdir/cache``; share one across runs to reuse them).
+
+def train(data, workdir: str | os.PathLike, *, genes: str = "markers",
+          backbone: str | list[str] | None = "efficientnet_lite0", weights=None,
+          embeddings: str | None = None, members: int = 1, fine_tune: bool = False,
+          tile_um: float | None = None, tile_px: int = 299, val_samples: list[str] | None = None,
+          config: TrainConfig = TrainConfig(), head_hidden: int = 0, dropout: float = 0.0,
+          seed: int = 0, strategy: str = "auto", feature_batch_size: int = 32, progress: bool = True,
+          overwrite: bool = False, cache_dir: str | os.PathLike | None = None) -> EnsembleModel:
+    """Train an ensemble of NB models; return it (also saved in ``workdir/model``).
+
+    data: .h5ad paths or AnnData objects (one or more samples each). ``members`` models
+    are trained per feature source: each backbone of ``backbone`` (a list or "a,b") and
+    the precomputed ``embeddings`` (obsm key or folder of <sample>.npy) — FSTimage when
+    there are several. Validation (early stopping) uses whole samples: ``val_samples``, or
+    by default the last training sample when there are at least two; never spots of a
+    training sample. ``strategy``: auto|vmap|loop (see :mod:`stimage_jax.ensemble.stacked`).
+    Tiles and features are cached under ``cache_dir`` (default ``workdir/cache``).
     """
     if members < 1:
         raise StimageError(f"--members must be >= 1 (got {members})")
-    if backbone not in BACKBONES:
-        raise StimageError(f"unknown backbone {backbone!r}; choose from {', '.join(sorted(BACKBONES))}")
+    sources = _parse_sources(backbone, embeddings, weights)
+    backbone_sources = [s for s in sources if s["kind"] == "backbone"]
+    if fine_tune and (len(sources) != 1 or not backbone_sources):
+        raise StimageError("--fine-tune trains one backbone: give exactly one --backbone and no --embeddings")
+    resolved = resolve_strategy(strategy, trains_backbone=fine_tune)
     workdir = Path(workdir).absolute()
     adatas = split_samples(_load(data))
-    weights = weights if weights is not None else DEFAULT_WEIGHTS.get(backbone)
-    if weights is not None and not Path(weights).is_file():
-        raise StimageError(f"weights file {weights} not found")
     gene_list = select_genes(genes, adatas)
     sample_ids = [_sample_id(a) for a in adatas]
     if val_samples is None:
@@ -125,8 +159,15 @@ def train(data, workdir: str | os.PathLike, *, genes: str = "markers",
     unknown = [v for v in val_samples if v not in sample_ids]
     if unknown:
         raise StimageError(f"validation sample(s) {unknown} not among the data's samples {sample_ids}")
-    geometry = {"backbone": backbone, "tile_um": _tile_um(adatas, tile_um), "tile_px": int(tile_px)}
-    request = {"data_samples": sample_ids, "genes": gene_list, "weights_fingerprint": weights_fingerprint(weights),
+    # Embeddings are checked before any slow step: a spot-count mismatch fails at once.
+    emb_feats = {s["name"]: [load_embeddings(a, s["key"]) for a in adatas]
+                 for s in sources if s["kind"] == "embeddings"}
+    for s in sources:
+        s["weights_fingerprint"] = weights_fingerprint(s.get("weights")) if s["kind"] == "backbone" else None
+    geometry = ({"tile_um": _tile_um(adatas, tile_um), "tile_px": int(tile_px)} if backbone_sources
+                else {"tile_um": None, "tile_px": None})
+    request = {"data_samples": sample_ids, "genes": gene_list,
+               "sources": [{k: v for k, v in s.items() if k != "weights"} for s in sources],
                "members": members, "fine_tune": fine_tune, "val_samples": list(val_samples),
                "train": dataclasses.asdict(config), "head": {"hidden": head_hidden, "dropout": dropout},
                "seed": seed, **geometry}
@@ -148,81 +189,109 @@ def train(data, workdir: str | os.PathLike, *, genes: str = "markers",
     with atomic_path(req_file) as tmp:
         tmp.write_text(json.dumps(request, indent=1))
 
-    if weights is None:
-        log.warning("backbone %s has no pretrained weights: features come from a random "
-                    "initialisation (pass --weights FILE)", backbone)
-    rngs = nnx.Rngs(seed)
-    bb = create_backbone(backbone, rngs=rngs, weights=weights)
     cache = Path(cache_dir).absolute() if cache_dir is not None else workdir / "cache"
-    feats = sample_features(bb, adatas, geometry, request["weights_fingerprint"], cache,
-                            feature_batch_size, progress)
+    backbones, feats = {}, dict(emb_feats)
+    for s in backbone_sources:
+        if s["weights"] is None:
+            log.warning("backbone %s has no pretrained weights: features come from a random "
+                        "initialisation (pass --weights FILE)", s["backbone"])
+        bb = create_backbone(s["backbone"], rngs=nnx.Rngs(seed), weights=s["weights"])
+        backbones[s["name"]] = bb
+        feats[s["name"]] = sample_features(bb, adatas, {"backbone": s["backbone"], **geometry},
+                                           s["weights_fingerprint"], cache, feature_batch_size, progress)
+    for s in sources:
+        s["num_features"] = int(feats[s["name"]][0].shape[1])
     is_val = [s in val_samples for s in sample_ids]
-    counts = [counts_matrix(a, gene_list) for a in adatas]
-    pick = lambda xs, v: np.concatenate([x for x, f in zip(xs, is_val) if f == v]) if any(f == v for f in is_val) else None
-    f_tr, y_tr, f_va, y_va = pick(feats, False), pick(counts, False), pick(feats, True), pick(counts, True)
-    if f_tr is None:
+    if all(is_val):
         raise StimageError("every sample is a validation sample: nothing left to train on")
-    if fine_tune:
-        tiles = [np.asarray(spot_tiles(a, tile_um=geometry["tile_um"], tile_px=geometry["tile_px"],
-                                       cache_dir=cache / "tiles", progress=False)) for a in adatas]
-        x_tr, x_va = pick(tiles, False), pick(tiles, True)
-    else:
-        x_tr, x_va = f_tr, f_va
+    counts = [counts_matrix(a, gene_list) for a in adatas]
 
-    cfg = {"format": MODEL_FORMAT, "version": __version__, "genes": gene_list, "backbone": backbone,
-           "weights": str(weights) if weights else None, "num_features": int(bb.num_features),
-           "fine_tune": fine_tune, "members": members, "head": {"hidden": head_hidden, "dropout": dropout},
+    def pick(xs, v):
+        return np.concatenate([x for x, f in zip(xs, is_val) if f == v]) if any(f == v for f in is_val) else None
+
+    y_tr, y_va = pick(counts, False), pick(counts, True)
+    cfg = {"format": MODEL_FORMAT, "version": __version__, "genes": gene_list,
+           "backbone": ",".join(s["name"] for s in sources), "sources": sources,
+           "member_sources": [s["name"] for s in sources for _ in range(members)],
+           "fine_tune": fine_tune, "members": members * len(sources), "members_per_source": members,
+           "head": {"hidden": head_hidden, "dropout": dropout},
            "tile_um": geometry["tile_um"], "tile_px": geometry["tile_px"], "train": dataclasses.asdict(config),
-           "seed": seed, "training_samples": [s for s, v in zip(sample_ids, is_val) if not v],
+           "seed": seed, "strategy": resolved, "training_samples": [s for s, v in zip(sample_ids, is_val) if not v],
            "validation_samples": list(val_samples), "nb_parameterisation": "mean-dispersion (log link): var = mu + mu^2/r"}
+    if len(backbone_sources) == 1 and len(sources) == 1:
+        cfg["num_features"] = sources[0]["num_features"]  # what ONNX consumers of /1 models read
     key = jax.random.key(seed)
     trained, logs, best_epochs = [], [], []
-    for m in range(members):
-        mkey = jax.random.fold_in(key, m)
-        member = build_member(cfg, rngs=nnx.Rngs(jax.random.fold_in(mkey, 0)),
-                              backbone=create_backbone(backbone, rngs=nnx.Rngs(0), weights=weights) if fine_tune else None)
-        head = member.head if fine_tune else member
-        init_head_from_data(head, f_tr, y_tr)
-        mode = (lambda net: (net.train(), net.backbone.eval())) if fine_tune else None
-        member, hist = fit_member(member, x_tr, y_tr, x_va, y_va, key=jax.random.fold_in(mkey, 1),
-                                  config=config, ckpt_dir=workdir / "checkpoints" / f"member_{m:03d}",
-                                  set_train_mode=mode, progress=progress, desc=f"member {m + 1}/{members}")
-        trained.append(member)
-        logs += [{"member": m, **h} for h in hist]
-        val = [h["val_loss"] for h in hist]
-        best_epochs.append(int(np.nanargmin(val)) if y_va is not None and len(val) else len(hist) - 1)
-        log.info("member %d/%d: %d epochs, best epoch %d", m + 1, members, len(hist), best_epochs[-1])
+    for si, src in enumerate(sources):
+        f_tr, f_va = pick(feats[src["name"]], False), pick(feats[src["name"]], True)
+        ids = [si * members + m for m in range(members)]   # global member index: distinct seeds
+        init_keys = jnp.stack([jax.random.fold_in(jax.random.fold_in(key, i), 0) for i in ids])
+        train_keys = jnp.stack([jax.random.fold_in(jax.random.fold_in(key, i), 1) for i in ids])
+        if fine_tune:
+            tiles = [np.asarray(spot_tiles(a, tile_um=geometry["tile_um"], tile_px=geometry["tile_px"],
+                                           cache_dir=cache / "tiles", progress=False)) for a in adatas]
+            x_tr, x_va = pick(tiles, False), pick(tiles, True)
+            stacked = stack_members([build_member(cfg, rngs=nnx.Rngs(k), source=src, backbone=create_backbone(
+                src["backbone"], rngs=nnx.Rngs(0), weights=src["weights"])) for k in init_keys])
+            init_head_from_data(stacked.head, f_tr, y_tr)
+            mode = lambda net: (net.train(), net.backbone.eval())  # noqa: E731  BN statistics stay frozen
+        else:
+            x_tr, x_va = f_tr, f_va
+            stacked = create_members(lambda r: build_member(cfg, rngs=r, source=src), init_keys)  # noqa: B023
+            init_head_from_data(stacked, f_tr, y_tr)
+            mode = None
+        log.info("training %d member(s) on %s (%s strategy)", members, src["name"], resolved)
+        stacked, hists = fit_ensemble(stacked, x_tr, y_tr, x_va, y_va, keys=train_keys, config=config,
+                                      strategy=resolved, ckpt_dir=workdir / "checkpoints" / src["name"],
+                                      set_train_mode=mode, progress=progress)
+        trained += unstack_members(stacked)
+        for i, hist in zip(ids, hists):
+            logs += [{"member": i, "source": src["name"], **h} for h in hist]
+            val = [h["val_loss"] for h in hist]
+            best_epochs.append(int(np.nanargmin(val)) if y_va is not None and len(val) else len(hist) - 1)
     cfg["best_epochs"] = best_epochs
     cfg["trained_at"] = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
     with atomic_path(workdir / "train_log.csv") as tmp:
         pd.DataFrame(logs).to_csv(tmp, index=False)
-    model = EnsembleModel(cfg, None if fine_tune else bb, trained)
+    model = EnsembleModel(cfg, {} if fine_tune else backbones, trained)
     model.save(workdir / "model")
     return model
 
 
 def predict(adata: ad.AnnData, model: EnsembleModel, *, batch_size: int = 32,
             progress: bool = True, tiles: np.ndarray | None = None,
-            features: np.ndarray | None = None, interval: float = 0.8) -> ad.AnnData:
+            features=None, embeddings: str | None = None, interval: float = 0.8) -> ad.AnnData:
     """Predict NB moments for every spot of ``adata`` → a new AnnData.
 
     X = ensemble mean; layers var_aleatoric, var_epistemic (zeros for one member), q_lo and
-    q_hi (the central ``interval`` of the members' NB mixture); ``features`` (N, D) from the
-    model's own frozen backbone skip tiling and extraction (benchmarks reuse a cache);
-    same obs, obsm["spatial"] and uns["spatial"] as the input; uns["stimage"] provenance.
+    q_hi (the central ``interval`` of the members' NB mixture); same obs, obsm["spatial"]
+    and uns["spatial"] as the input; uns["stimage"] provenance. ``features``: (N, D) from
+    the model's own frozen backbone, or a dict by source name — skip tiling and extraction
+    (benchmarks reuse a cache). Embedding sources read ``obsm[key]`` / ``key/<sample>.npy``
+    (``embeddings`` overrides the key the model was trained with).
     """
     cfg = model.config
-    if features is not None:
-        if model.backbone is None or features.shape != (adata.n_obs, cfg["num_features"]):
-            raise StimageError(f"features of shape {features.shape} do not fit this model "
-                               f"(needs ({adata.n_obs}, {cfg['num_features']}) from a frozen backbone)")
-        tiles = np.zeros((adata.n_obs, 0, 0, 3), np.uint8)  # never read
+    if features is not None and not isinstance(features, dict):
+        if model.backbone is None:
+            raise StimageError("plain features fit only a model with one frozen backbone; "
+                               "pass a dict by source name")
+        features = {model.sources[0]["name"]: features}
+    features = dict(features or {})
+    for src in model.embedding_sources():
+        if src["name"] not in features:
+            features[src["name"]] = load_embeddings(adata, embeddings or src["key"])
+    for name, f in features.items():
+        if np.shape(f)[0] != adata.n_obs:
+            raise StimageError(f"features for {name} have {np.shape(f)[0]} rows for {adata.n_obs} spots")
+    needs_tiles = cfg["fine_tune"] or any(s["name"] not in features for s in model.sources)
+    if not needs_tiles:
+        tiles = None
     elif tiles is None:
         tiles = spot_tiles(adata, tile_um=cfg["tile_um"], tile_px=cfg["tile_px"], progress=progress)
     elif tiles.shape[1:] != (cfg["tile_px"], cfg["tile_px"], 3):
         raise StimageError(f"tiles have shape {tiles.shape[1:]}, the model expects "
                            f"({cfg['tile_px']}, {cfg['tile_px']}, 3)")
-    mu, r = model.member_params(tiles, batch_size=batch_size, progress=progress, features=features)
+    mu, r = model.member_params(tiles, batch_size=batch_size, progress=progress, features=features or None)
     return build_prediction(adata, mu, r, cfg["genes"], provenance(cfg), interval=interval)
 
 

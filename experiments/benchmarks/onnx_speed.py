@@ -52,8 +52,10 @@ def toy_model(backbone: str, genes: int = 14) -> EnsembleModel:
     cfg = {"genes": [f"G{i}" for i in range(genes)], "tile_um": 100.0, "tile_px": 299, "backbone": backbone,
            "members": 1, "fine_tune": False, "version": __version__, "training_samples": [],
            "nb_parameterisation": "mean-dispersion (log link): var = mu + mu^2/r", "train": {"loss": "nb"},
-           "num_features": bb.num_features}
-    return EnsembleModel(cfg, bb, [head])
+           "num_features": bb.num_features,
+           "sources": [{"name": backbone, "kind": "backbone", "backbone": backbone, "num_features": bb.num_features}],
+           "member_sources": [backbone]}
+    return EnsembleModel(cfg, {backbone: bb}, [head])
 
 
 def session(path: Path, threads: int) -> ort.InferenceSession:

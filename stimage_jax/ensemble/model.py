@@ -1,9 +1,14 @@
 """A trained ensemble on disk and in memory.
 
-``WORKDIR/model/`` holds ``model.json`` (genes, backbone, tile geometry, training
-provenance), ``backbone/`` (the frozen backbone's state, so a model never depends on
-where its pretrained weights file lived) and ``members/`` (member states stacked on a
-leading axis: heads on a frozen backbone, or whole networks when fine-tuned).
+``WORKDIR/model/`` holds ``model.json`` (genes, feature sources, tile geometry, training
+provenance), ``backbone_<source>/`` (each frozen backbone's state, so a model never
+depends on where its pretrained weights file lived) and ``members_<source>/`` (the
+members of each feature source stacked on a leading axis: heads on a frozen backbone or
+on precomputed embeddings, or whole networks when fine-tuned).
+
+Feature sources (FSTimage): ``{"name", "kind": "backbone"|"embeddings", "num_features",
+"backbone"?, "key"?}``; ``member_sources[m]`` names member m's source. All members are
+equal-weight components of one NB mixture whatever their source.
 """
 
 from __future__ import annotations
@@ -27,7 +32,7 @@ from stimage_jax.nb.head import NBHead
 
 __all__ = ["STimageNet", "EnsembleModel", "MODEL_FORMAT", "build_member"]
 
-MODEL_FORMAT = "stimage-jax/1"
+MODEL_FORMAT = "stimage-jax/2"
 
 
 class STimageNet(nnx.Module):
@@ -40,13 +45,27 @@ class STimageNet(nnx.Module):
         return self.head(self.backbone(tiles))
 
 
-def build_member(cfg: dict, *, rngs: nnx.Rngs, backbone: nnx.Module | None = None):
-    """An untrained member with the architecture described by ``cfg`` (model.json)."""
-    head = NBHead(cfg["num_features"], len(cfg["genes"]), rngs=rngs, **cfg["head"])
+def build_member(cfg: dict, *, rngs: nnx.Rngs, backbone: nnx.Module | None = None,
+                 source: dict | None = None):
+    """An untrained member with the architecture described by ``cfg`` (model.json).
+
+    source: the member's feature source (default: the first)."""
+    source = source if source is not None else cfg["sources"][0]
+    head = NBHead(source["num_features"], len(cfg["genes"]), rngs=rngs, **cfg["head"])
     if cfg["fine_tune"]:
-        bb = backbone if backbone is not None else create_backbone(cfg["backbone"], rngs=rngs)
+        bb = backbone if backbone is not None else create_backbone(source["backbone"], rngs=rngs)
         return STimageNet(bb, head)
     return head
+
+
+def _upgrade(cfg: dict) -> dict:
+    """A stimage-jax/1 config (one frozen or fine-tuned backbone) in the /2 form."""
+    if cfg.get("format") == "stimage-jax/1":
+        cfg = {**cfg, "format": MODEL_FORMAT,
+               "sources": [{"name": cfg["backbone"], "kind": "backbone", "backbone": cfg["backbone"],
+                            "num_features": cfg["num_features"], "weights": cfg.get("weights")}],
+               "member_sources": [cfg["backbone"]] * cfg["members"], "_v1_layout": True}
+    return cfg
 
 
 def _stack(states):
@@ -73,15 +92,31 @@ def _abstract_host(module):
 
 @dataclasses.dataclass
 class EnsembleModel:
-    """config (model.json), an optional shared frozen backbone, and the member modules."""
+    """config (model.json), frozen backbones by source name, and the member modules."""
 
     config: dict
-    backbone: nnx.Module | None
+    backbones: dict[str, nnx.Module]
     members: list
 
     @property
     def genes(self) -> list[str]:
         return list(self.config["genes"])
+
+    @property
+    def sources(self) -> list[dict]:
+        return list(self.config["sources"])
+
+    @property
+    def member_sources(self) -> list[str]:
+        return list(self.config["member_sources"])
+
+    @property
+    def backbone(self) -> nnx.Module | None:
+        """The frozen backbone when the model has exactly one source and it is one."""
+        return next(iter(self.backbones.values())) if len(self.sources) == 1 and self.backbones else None
+
+    def embedding_sources(self) -> list[dict]:
+        return [s for s in self.sources if s["kind"] == "embeddings"]
 
     def save(self, model_dir: str | os.PathLike) -> Path:
         """Write atomically: a temporary sibling folder renamed onto ``model_dir``."""
@@ -90,9 +125,11 @@ class EnsembleModel:
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
         ckptr = ocp.StandardCheckpointer()
-        if self.backbone is not None:
-            ckptr.save(tmp / "backbone", _host(nnx.to_pure_dict(nnx.state(self.backbone))))
-        ckptr.save(tmp / "members", _stack([_host(nnx.to_pure_dict(nnx.state(m))) for m in self.members]))
+        for name, bb in self.backbones.items():
+            ckptr.save(tmp / f"backbone_{name}", _host(nnx.to_pure_dict(nnx.state(bb))))
+        for src in self.sources:
+            group = [m for m, s in zip(self.members, self.member_sources) if s == src["name"]]
+            ckptr.save(tmp / f"members_{src['name']}", _stack([_host(nnx.to_pure_dict(nnx.state(m))) for m in group]))
         ckptr.wait_until_finished()
         (tmp / "model.json").write_text(json.dumps(self.config, indent=1))
         if model_dir.exists():
@@ -110,11 +147,12 @@ class EnsembleModel:
             raise StimageError(f"{model_dir} is not a trained model (no model.json); "
                                "train one with `stimage train --workdir ...`")
         try:
-            cfg = json.loads(meta.read_text())
+            cfg = _upgrade(json.loads(meta.read_text()))
         except json.JSONDecodeError as e:
             raise StimageError(f"{meta} is corrupt: {e}") from None
         if cfg.get("format") != MODEL_FORMAT:
             raise StimageError(f"{meta} has format {cfg.get('format')!r}, expected {MODEL_FORMAT!r}")
+        v1 = cfg.pop("_v1_layout", False)
         ckptr = ocp.StandardCheckpointer()
 
         def restore(path, target):
@@ -127,43 +165,72 @@ class EnsembleModel:
         # Modules are built abstractly (nnx.eval_shape) and filled from the checkpoint:
         # random initialisation cost ~11 s of XLA compilation per load on 2 CPU cores
         # (EfficientNet-Lite0), only to be overwritten.
-        def abstract(make):
-            return nnx.eval_shape(make)
+        backbones = {}
+        members: list = [None] * len(cfg["member_sources"])
+        for src in cfg["sources"]:
+            name = src["name"]
+            if src["kind"] == "backbone" and not cfg["fine_tune"]:
+                bb = nnx.eval_shape(lambda: create_backbone(src["backbone"], rngs=nnx.Rngs(0)))
+                _load_into(bb, restore(model_dir / ("backbone" if v1 else f"backbone_{name}"), _abstract_host(bb)))
+                bb.eval()
+                backbones[name] = bb
+            idx = [i for i, s in enumerate(cfg["member_sources"]) if s == name]
+            make = lambda: build_member(cfg, rngs=nnx.Rngs(0), source=src)  # noqa: E731
+            one = _abstract_host(nnx.eval_shape(make))
+            stacked = restore(model_dir / ("members" if v1 else f"members_{name}"),
+                              jax.tree.map(lambda a: jax.ShapeDtypeStruct((len(idx), *a.shape), a.dtype), one))
+            for j, i in enumerate(idx):
+                mod = nnx.eval_shape(make)
+                _load_into(mod, jax.tree.map(lambda a: a[j], stacked))
+                mod.eval()
+                members[i] = mod
+        return cls(cfg, backbones, members)
 
-        backbone = None
-        if not cfg["fine_tune"]:
-            backbone = abstract(lambda: create_backbone(cfg["backbone"], rngs=nnx.Rngs(0)))
-            _load_into(backbone, restore(model_dir / "backbone", _abstract_host(backbone)))
-            backbone.eval()
-        m = cfg["members"]
-        one = _abstract_host(abstract(lambda: build_member(cfg, rngs=nnx.Rngs(0))))
-        stacked = restore(model_dir / "members",
-                          jax.tree.map(lambda a: jax.ShapeDtypeStruct((m, *a.shape), a.dtype), one))
-        members = []
-        for i in range(m):
-            mod = abstract(lambda: build_member(cfg, rngs=nnx.Rngs(0)))
-            _load_into(mod, jax.tree.map(lambda a: a[i], stacked))
-            mod.eval()
-            members.append(mod)
-        return cls(cfg, backbone, members)
+    def source_features(self, tiles: np.ndarray | None, *, features=None, batch_size: int = 32,
+                        progress: bool = True) -> dict[str, np.ndarray]:
+        """(N, D_s) features per source name: frozen backbones run once on ``tiles``.
 
-    def member_params(self, tiles: np.ndarray, *, batch_size: int = 32, progress: bool = True,
-                      features: np.ndarray | None = None):
-        """uint8 tiles (N, H, W, 3) → NB (mu, r), each (M, N, G) float32 numpy.
-
-        On CPU members are stepped in a loop (grouped convolutions make ``vmap`` slower
-        there); a frozen backbone runs once and all heads reuse its features.
+        features: precomputed arrays by source name (required for embedding sources; an
+        array instead of a dict stands for the only source).
         """
         from stimage_jax.features.extract import extract_features
 
+        if features is not None and not isinstance(features, dict):
+            if len(self.sources) != 1:
+                raise StimageError("this model has several feature sources: pass features by source name")
+            features = {self.sources[0]["name"]: features}
+        features = dict(features or {})
+        for src in self.sources:
+            name = src["name"]
+            if name in features:
+                f = np.asarray(features[name])
+                if f.ndim != 2 or f.shape[1] != src["num_features"]:
+                    raise StimageError(f"features for {name} have shape {f.shape}; the model expects "
+                                       f"(spots, {src['num_features']})")
+            elif src["kind"] == "embeddings":
+                raise StimageError(f"this model needs precomputed embeddings {src['key']!r} "
+                                   "(obsm key or folder of <sample>.npy)")
+            elif name in self.backbones:
+                if tiles is None:
+                    raise StimageError(f"source {name} needs tiles or precomputed features")
+                features[name] = extract_features(self.backbones[name], tiles, batch_size=batch_size,
+                                                  progress=progress)
+        return features
+
+    def member_params(self, tiles: np.ndarray | None, *, batch_size: int = 32, progress: bool = True,
+                      features=None):
+        """uint8 tiles (N, H, W, 3) → NB (mu, r), each (M, N, G) float32 numpy.
+
+        On CPU members are stepped in a loop (grouped convolutions make ``vmap`` slower
+        there); each frozen backbone runs once and all its heads reuse its features.
+        ``features``: see :meth:`source_features`.
+        """
         to_params = _point_params if self.config["train"]["loss"] == "mse_log1p" else params_from_logits
         mus, rs = [], []
-        if self.backbone is not None:
-            feats = features if features is not None else extract_features(
-                self.backbone, tiles, batch_size=batch_size, progress=progress)
-            x = jnp.asarray(feats)
-            for mem in self.members:
-                mu, r = to_params(*_apply(mem, x))
+        if not self.config["fine_tune"]:
+            feats = self.source_features(tiles, features=features, batch_size=batch_size, progress=progress)
+            for mem, src in zip(self.members, self.member_sources):
+                mu, r = to_params(*_apply(mem, jnp.asarray(feats[src])))
                 mus.append(np.asarray(mu)); rs.append(np.asarray(r))
         else:
             for mem in self.members:
