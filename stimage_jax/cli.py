@@ -112,17 +112,28 @@ def cmd_export_onnx(a) -> None:
           f"{model.config['tile_px']}px uint8 tiles -> {out} ({size_mb:.1f} MB)")
 
 
-def _evaluate(pred_path, truth_path, out, overwrite, plot=None, plot_genes=None):
+def _evaluate(pred_path, truth_path, out, overwrite, plot=None, plot_genes=None, *,
+              uncertainty_genes=None, calibration=None):
+    import re
+
     from data_pipelines.io import atomic_path, check_writable
     from data_pipelines.slides import read_h5ad
-    from stimage_jax.metrics import evaluate, summarise
+    from stimage_jax.metrics import calibration_table, evaluate, prediction_level, summarise
 
-    check_writable(out, overwrite)
+    # --plot-uncertainty GENE writes <out stem>_uncertainty_<GENE>.png beside --out
+    unc_paths = {g: Path(out).with_name(f"{Path(out).stem}_uncertainty_{re.sub(r'[^0-9A-Za-z._-]', '_', g)}.png")
+                 for g in uncertainty_genes or ()}
+    for p in (out, *unc_paths.values(), *([calibration] if calibration else [])):
+        check_writable(p, overwrite)
     if not Path(pred_path).is_file():
         raise StimageError(f"prediction file {pred_path} not found")
     import anndata as ad
 
     pred, truth = ad.read_h5ad(pred_path), read_h5ad(truth_path)
+    unknown = [g for g in unc_paths if g not in set(pred.var_names)]
+    if unknown:
+        raise StimageError(f"--plot-uncertainty: gene(s) not in the prediction: {', '.join(unknown)}")
+    cal = calibration_table(pred, truth) if calibration else None  # fails before anything is written
     table, missing = evaluate(pred, truth)
     with atomic_path(out, overwrite=overwrite) as tmp:
         table.to_csv(tmp, index=False)
@@ -132,18 +143,33 @@ def _evaluate(pred_path, truth_path, out, overwrite, plot=None, plot_genes=None)
     print(f"{s['rows']} sample x gene rows: mean PCC {s['mean_pcc']:.3f}, median PCC {s['median_pcc']:.3f}, "
           f"mean Spearman {s['mean_spearman']:.3f}, PCC > 0 for {s['n_pcc_positive']}, NaN {s['n_nan']}"
           + (f", interval coverage {s['coverage']:.3f}" if "coverage" in s else "")
-          + (f", NB-mixture NLL {s['nll']:.3f}" if "nll" in s else "") + f" -> {out}")
+          + (f", NB-mixture NLL {s['nll']:.3f}" if "nll" in s else "")
+          + (f", CRPS {s['crps']:.3f}" if "crps" in s else "")
+          + (f", PIT coverage {s['pit_coverage']:.3f} (nominal {prediction_level(pred):g})"
+             if "pit_coverage" in s else "") + f" -> {out}")
     if plot:
         from stimage_jax.plots import plot_spatial_genes
 
         genes = plot_genes or list(table.sort_values("pcc", ascending=False)["gene"].drop_duplicates()[:2])
         plot_spatial_genes(pred, truth, genes, plot, overwrite=overwrite)
         print(f"spatial maps of {', '.join(genes)} -> {plot}")
+    for g, p in unc_paths.items():
+        from stimage_jax.plots import plot_uncertainty_maps
+
+        plot_uncertainty_maps(pred, g, p, truth=truth if g in set(truth.var_names) else None, overwrite=overwrite)
+        print(f"mean, aleatoric and epistemic SD maps of {g} -> {p}")
+    if cal is not None:
+        from stimage_jax.plots import plot_calibration
+
+        plot_calibration(cal, calibration, overwrite=overwrite)
+        print(f"coverage calibration over {len(cal)} nominal levels -> {calibration}")
     return table
 
 
 def cmd_evaluate(a) -> None:
-    _evaluate(a.pred, a.truth, a.out, a.overwrite, a.plot, _csv(a.plot_genes) if a.plot_genes else None)
+    _evaluate(a.pred, a.truth, a.out, a.overwrite, a.plot, _csv(a.plot_genes) if a.plot_genes else None,
+              uncertainty_genes=_csv(a.plot_uncertainty) if a.plot_uncertainty else None,
+              calibration=a.plot_calibration)
 
 
 def cmd_quickstart(a) -> None:
@@ -256,6 +282,12 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--out", required=True, help="metrics CSV, one row per sample and gene")
     e.add_argument("--plot", help="PNG of observed vs predicted maps")
     e.add_argument("--plot-genes", help="genes to plot (default: the two best by PCC)")
+    e.add_argument("--plot-uncertainty", metavar="GENE[,GENE]",
+                   help="PNG per gene of observed, predicted mean, aleatoric and epistemic SD maps, "
+                        "written next to --out as <out stem>_uncertainty_<GENE>.png")
+    e.add_argument("--plot-calibration", metavar="PATH.png",
+                   help="PNG of observed vs nominal coverage (quantile interval and PIT) over levels "
+                        "0.1-0.95; needs the members' NB parameters (stimage predict --data keeps them)")
     e.add_argument("--overwrite", action="store_true")
     e.set_defaults(func=cmd_evaluate)
 

@@ -14,7 +14,10 @@ from scipy.stats import rankdata
 from data_pipelines import keys
 from data_pipelines.errors import StimageError
 
-__all__ = ["pearson_per_gene", "spearman_per_gene", "evaluate", "summarise"]
+__all__ = ["pearson_per_gene", "spearman_per_gene", "evaluate", "summarise", "calibration_table",
+           "prediction_level"]
+
+DEFAULT_LEVEL = 0.8  # build_prediction's default interval
 
 
 def pearson_per_gene(pred: np.ndarray, truth: np.ndarray) -> np.ndarray:
@@ -40,17 +43,17 @@ def _dense(x):
     return np.asarray(x.toarray() if hasattr(x, "toarray") else x, np.float64)
 
 
-def evaluate(pred, truth) -> tuple[pd.DataFrame, list[str]]:
-    """Score predicted means against observed counts, per sample and gene.
+def prediction_level(pred) -> float:
+    """The central-interval level the prediction's q_lo/q_hi were made for (provenance
+    ``uns["stimage"]["prediction"]["interval"]``), else 0.8."""
+    try:
+        level = float(pred.uns[keys.STIMAGE_UNS][keys.PREDICTION]["interval"])
+    except (KeyError, TypeError, ValueError):
+        return DEFAULT_LEVEL
+    return level if 0.0 < level < 1.0 else DEFAULT_LEVEL
 
-    Spots are matched by ``obs_names``; genes by name. Returns (table, genes missing from
-    the truth). Table columns: sample, gene, n_spots, pcc, spearman, note, and — when the
-    prediction carries them — ``coverage`` (fraction of observed counts inside
-    [q_lo, q_hi]) and ``nll`` (mean negative log-likelihood of the counts under the
-    members' NB mixture); with spot coordinates, Moran's I of the observed and predicted
-    expression, the bivariate Moran's I of prediction with observation (``moran_bv``), the
-    paper's spatial ``iou`` (grid only) and the neighbour rule used (``weights``).
-    """
+
+def _match(pred, truth):
     spots = pred.obs_names.intersection(truth.obs_names)
     if len(spots) == 0:
         raise StimageError("prediction and truth share no spot ids (obs_names)")
@@ -58,12 +61,50 @@ def evaluate(pred, truth) -> tuple[pd.DataFrame, list[str]]:
     missing = [g for g in pred.var_names if g not in set(truth.var_names)]
     if not genes:
         raise StimageError("prediction and truth share no genes")
-    p_all = pred[spots, genes]
-    t_all = truth[spots, genes]
+    return pred[spots, genes], truth[spots, genes], genes, missing
+
+
+def _members(p, m=slice(None)):
+    """Members' (mu, r) as (M, n, G) float64, or None when absent or not an NB mixture."""
+    if keys.MEMBER_MU not in p.obsm or keys.MEMBER_R not in p.obsm:
+        return None
+    mu = np.moveaxis(np.asarray(p.obsm[keys.MEMBER_MU], np.float64)[m], 1, 0)
+    r = np.moveaxis(np.asarray(p.obsm[keys.MEMBER_R], np.float64)[m], 1, 0)
+    return mu, r
+
+
+def _is_counts(t: np.ndarray) -> bool:
+    return bool(np.all(t >= 0) and np.all(t == np.round(t)))
+
+
+def evaluate(pred, truth) -> tuple[pd.DataFrame, list[str]]:
+    """Score predicted means against observed counts, per sample and gene.
+
+    Spots are matched by ``obs_names``; genes by name. Returns (table, genes missing from
+    the truth). Table columns: sample, gene, n_spots, pcc, spearman, note, and — when the
+    prediction carries them — ``coverage`` (fraction of observed counts inside
+    [q_lo, q_hi]) and ``nll`` (mean negative log-likelihood of the counts under the
+    members' NB mixture); with the members' NB parameters and integer counts, ``crps``
+    (mean CRPS of the mixture, lower is better) and ``pit_coverage`` (non-randomised PIT
+    coverage of the central interval at the prediction's level, see
+    :func:`prediction_level`; ≈ the level when calibrated); with the variance layers,
+    ``ause_epistemic`` and ``ause_total`` (area under the sparsification error of the
+    squared error of the mean, ranked by var_epistemic or by var_aleatoric + var_epistemic;
+    0 = the uncertainty ranks the errors perfectly, NaN when it is constant); with spot
+    coordinates, Moran's I of the observed and predicted
+    expression, the bivariate Moran's I of prediction with observation (``moran_bv``), the
+    paper's spatial ``iou`` (grid only) and the neighbour rule used (``weights``).
+    """
+    from stimage_jax.uncertainty_metrics import (
+        nb_mixture_crps, nb_mixture_pit, pit_coverage_from_pit, sparsification_error,
+    )
+
+    p_all, t_all, genes, missing = _match(pred, truth)
+    level = prediction_level(pred)
     if keys.SAMPLE in t_all.obs:
         samples = t_all.obs[keys.SAMPLE].astype(str).to_numpy()
     else:
-        samples = np.full(len(spots), "all")
+        samples = np.full(p_all.n_obs, "all")
     rows = []
     for s in pd.unique(samples):
         m = samples == s
@@ -77,13 +118,22 @@ def evaluate(pred, truth) -> tuple[pd.DataFrame, list[str]]:
         if keys.Q_LO in p_all.layers and keys.Q_HI in p_all.layers:
             lo, hi = _dense(p_all.layers[keys.Q_LO][m]), _dense(p_all.layers[keys.Q_HI][m])
             row["coverage"] = ((T >= lo) & (T <= hi)).mean(0)
-        if keys.MEMBER_MU in p_all.obsm and keys.MEMBER_R in p_all.obsm:
+        members = _members(p_all, m)
+        if members is not None:
             from export.moments import mixture_logpmf
 
-            mu = np.moveaxis(np.asarray(p_all.obsm[keys.MEMBER_MU])[m], 1, 0)
-            r = np.moveaxis(np.asarray(p_all.obsm[keys.MEMBER_R])[m], 1, 0)
+            mu, r = members
             if np.isfinite(r).all():  # a point model (r = inf) has no likelihood
                 row["nll"] = -mixture_logpmf(T, mu, r).mean(0)
+                if np.isfinite(mu).all() and _is_counts(T):
+                    row["crps"] = nb_mixture_crps(T, mu, r).mean(0)
+                    row["pit_coverage"] = pit_coverage_from_pit(*nb_mixture_pit(T, mu, r), level)
+        if keys.VAR_EPISTEMIC in p_all.layers and keys.VAR_ALEATORIC in p_all.layers:
+            epi, ale = _dense(p_all.layers[keys.VAR_EPISTEMIC][m]), _dense(p_all.layers[keys.VAR_ALEATORIC][m])
+            sq = np.square(P - T)
+            if np.isfinite(epi).all() and np.isfinite(ale).all() and np.isfinite(sq).all():
+                row["ause_epistemic"] = sparsification_error(sq, epi)["ause"]
+                row["ause_total"] = sparsification_error(sq, ale + epi)["ause"]
         if keys.ARRAY_ROW in t_all.obs or keys.SPATIAL in t_all.obsm:
             from stimage_jax.spatial_metrics import morans_i, morans_i_bv, spatial_iou, spatial_weights
 
@@ -97,10 +147,48 @@ def evaluate(pred, truth) -> tuple[pd.DataFrame, list[str]]:
     return pd.concat(rows, ignore_index=True), missing
 
 
+def calibration_table(pred, truth, levels=None) -> pd.DataFrame:
+    """Observed vs nominal coverage, pooled over all matched spots and genes.
+
+    Columns: ``level`` (nominal), ``coverage_interval`` (fraction of counts inside the
+    inclusive NB-mixture quantile interval at that level, as ``q_lo``/``q_hi``) and
+    ``coverage_pit`` (non-randomised PIT coverage, ≈ level when calibrated). Needs the
+    members' NB parameters (``obsm["nb_member_mu"]``/``["nb_member_r"]``) and integer
+    counts. ``levels`` default: 0.1 … 0.9 by 0.1, and 0.95.
+    """
+    from stimage_jax.uncertainty_metrics import DEFAULT_LEVELS, interval_coverage_curve
+
+    p_all, t_all, _, _ = _match(pred, truth)
+    members = _members(p_all)
+    if members is None:
+        raise StimageError("calibration needs the members' NB parameters (obsm['nb_member_mu'], "
+                           "obsm['nb_member_r']); slide predictions do not keep them")
+    mu, r = members
+    if not (np.isfinite(r).all() and np.isfinite(mu).all()):
+        raise StimageError("calibration needs an NB model; this prediction is a point model (r = inf)")
+    T = _dense(t_all.X)
+    if not _is_counts(T):
+        raise StimageError("calibration needs non-negative integer counts in the truth")
+    levels = DEFAULT_LEVELS if levels is None else tuple(levels)
+    try:
+        curve = interval_coverage_curve(T, mu, r, levels)
+    except ValueError as e:
+        raise StimageError(str(e)) from None
+    return pd.DataFrame({"level": curve["level"], "coverage_interval": curve["interval"].mean(1),
+                         "coverage_pit": curve["pit"].mean(1)})
+
+
+def _nanmean(x) -> float:
+    x = np.asarray(x, np.float64)
+    return float(np.nanmean(x)) if np.isfinite(x).any() else float("nan")
+
+
 def summarise(table: pd.DataFrame) -> dict:
-    """Mean/median PCC over (sample, gene) rows and the count of genes with PCC > 0."""
+    """Mean/median PCC over (sample, gene) rows and the count of genes with PCC > 0, plus the
+    mean of each uncertainty and spatial column present (NaN rows skipped)."""
     pcc = table["pcc"]
-    extra = {k: float(np.nanmean(table[k])) for k in ("coverage", "nll", "moran_bv", "iou") if k in table}
+    extra = {k: _nanmean(table[k]) for k in ("coverage", "nll", "crps", "pit_coverage", "ause_epistemic",
+                                             "ause_total", "moran_bv", "iou") if k in table}
     return {**extra, "rows": int(len(table)), "mean_pcc": float(np.nanmean(pcc)) if pcc.notna().any() else float("nan"),
             "median_pcc": float(np.nanmedian(pcc)) if pcc.notna().any() else float("nan"),
             "mean_spearman": float(np.nanmean(table["spearman"])) if table["spearman"].notna().any() else float("nan"),

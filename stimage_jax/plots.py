@@ -1,4 +1,5 @@
-"""PNG figures a user can open: observed vs predicted spatial maps."""
+"""PNG figures a user can open: observed vs predicted spatial maps, uncertainty maps and
+a coverage calibration curve."""
 
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ from data_pipelines import keys  # noqa: E402
 from data_pipelines.errors import StimageError  # noqa: E402
 from data_pipelines.io import atomic_path  # noqa: E402
 
-__all__ = ["plot_spatial_genes"]
+__all__ = ["plot_spatial_genes", "plot_uncertainty_maps", "plot_calibration"]
 
 
 def _col(a, g):
@@ -46,3 +47,83 @@ def plot_spatial_genes(pred, truth, genes, path: str | os.PathLike, *, overwrite
         fig.savefig(tmp, dpi=110, format="png")
     plt.close(fig)
     return Path(path)
+
+
+def _save(fig, path, overwrite: bool) -> Path:
+    try:
+        with atomic_path(path, overwrite=overwrite) as tmp:
+            fig.savefig(tmp, dpi=110, format="png")
+    finally:
+        plt.close(fig)
+    return Path(path)
+
+
+def plot_uncertainty_maps(pred, gene: str, path: str | os.PathLike, *, truth=None,
+                          overwrite: bool = True) -> Path:
+    """One PNG of ``gene`` at the spot coordinates: observed counts (when ``truth`` is
+    given), predicted mean, aleatoric SD (√var_aleatoric) and epistemic SD (√var_epistemic).
+
+    Coordinates are ``pred.obsm["spatial"]``, else the truth's; with a truth only the
+    spots both share are drawn.
+    """
+    if gene not in set(pred.var_names):
+        raise StimageError(f"gene {gene!r} is not in the prediction")
+    need = [k for k in (keys.VAR_ALEATORIC, keys.VAR_EPISTEMIC) if k not in pred.layers]
+    if need:
+        raise StimageError(f"prediction has no layer(s) {', '.join(need)} (not written by stimage predict?)")
+    if truth is not None:
+        if gene not in set(truth.var_names):
+            raise StimageError(f"gene {gene!r} is not in the truth")
+        spots = pred.obs_names.intersection(truth.obs_names)
+        if len(spots) == 0:
+            raise StimageError("prediction and truth share no spot ids (obs_names)")
+        pred, truth = pred[spots], truth[spots]
+    if keys.SPATIAL in pred.obsm:
+        xy = np.asarray(pred.obsm[keys.SPATIAL], np.float64)
+    elif truth is not None and keys.SPATIAL in truth.obsm:
+        xy = np.asarray(truth.obsm[keys.SPATIAL], np.float64)
+    else:
+        raise StimageError("no obsm['spatial'] coordinates to plot (neither prediction nor truth)")
+    p = pred[:, gene]
+    panels = [("observed", _col(truth, gene))] if truth is not None else []
+    panels += [("predicted mean", _col(pred, gene)),
+               ("aleatoric SD", np.sqrt(np.clip(_layer(p, keys.VAR_ALEATORIC), 0, None))),
+               ("epistemic SD", np.sqrt(np.clip(_layer(p, keys.VAR_EPISTEMIC), 0, None)))]
+    fig, axes = plt.subplots(1, len(panels), figsize=(4 * len(panels), 4), squeeze=False,
+                             sharex=True, sharey=True)
+    for ax, (label, v) in zip(axes[0], panels):
+        sc = ax.scatter(xy[:, 0], xy[:, 1], c=v, s=28, marker="s", cmap="viridis")
+        ax.set_title(f"{gene} {label}")
+        ax.set_aspect("equal")
+        ax.set_xticks([]), ax.set_yticks([])
+        fig.colorbar(sc, ax=ax, shrink=0.7)
+    axes[0, 0].invert_yaxis()  # image rows grow downwards; axes are shared, so invert once
+    fig.tight_layout()
+    return _save(fig, path, overwrite)
+
+
+def _layer(a, key):
+    x = a.layers[key]
+    return np.asarray(x.toarray() if hasattr(x, "toarray") else x, np.float64).ravel()
+
+
+def plot_calibration(table, path: str | os.PathLike, *, overwrite: bool = True) -> Path:
+    """Observed against nominal coverage with the diagonal: the inclusive quantile interval
+    and the PIT coverage (``table`` from :func:`stimage_jax.metrics.calibration_table`)."""
+    cols = ("level", "coverage_interval", "coverage_pit")
+    if any(c not in table for c in cols):
+        raise StimageError(f"calibration table needs columns {', '.join(cols)}")
+    level = np.asarray(table["level"], np.float64)
+    fig, ax = plt.subplots(figsize=(4.6, 4.4))
+    ax.plot([0, 1], [0, 1], color="0.6", ls="--", lw=1, label="ideal")
+    ax.plot(level, table["coverage_interval"], "o-", label="interval [q_lo, q_hi]")
+    ax.plot(level, table["coverage_pit"], "s-", label="PIT")
+    ax.set_xlim(0, 1), ax.set_ylim(0, 1)
+    ax.set_xlabel("nominal coverage")
+    ax.set_ylabel("observed coverage")
+    ax.set_title("central-interval calibration")
+    ax.set_aspect("equal")
+    ax.legend(loc="upper left", fontsize=8)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    return _save(fig, path, overwrite)

@@ -144,3 +144,58 @@ def test_log1p_target_is_a_point_model(synthetic_study, tmp_path):
     truth = ad.read_h5ad(synthetic_study[2]).X.toarray()
     assert np.corrcoef(pred.X[:, 0], truth[:, 0])[0, 1] > 0.5
     assert 0.3 < pred.X[:, 0].mean() / truth[:, 0].mean() < 3
+
+
+def _nb_pred_file(truth_path, tmp_path, members=2):
+    """A prediction .h5ad built straight from random NB parameters (no training)."""
+    from export.prediction import build_prediction
+
+    truth = ad.read_h5ad(truth_path)
+    rng = np.random.default_rng(5)
+    mu = rng.gamma(4.0, 3.0, size=(members, truth.n_obs, truth.n_vars))
+    r = rng.uniform(2.0, 6.0, size=mu.shape)
+    pred = build_prediction(truth, mu, r, list(truth.var_names), {"test": True}, interval=0.8)
+    path = tmp_path / "nbpred.h5ad"
+    pred.write_h5ad(path)
+    return path
+
+
+def _png_shape(path):
+    import matplotlib.image as mpimg
+
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    return mpimg.imread(path).shape
+
+
+def test_evaluate_uncertainty_plots_and_columns(synthetic_study, tmp_path, capsys):
+    from stimage_jax.metrics import calibration_table, evaluate
+
+    pred_path = _nb_pred_file(synthetic_study[2], tmp_path)
+    out, cal_png = tmp_path / "m.csv", tmp_path / "cal.png"
+    assert run("--quiet", "evaluate", "--pred", pred_path, "--truth", synthetic_study[2], "--out", out,
+               "--plot-uncertainty", "A,B", "--plot-calibration", cal_png) == 0
+    printed = capsys.readouterr().out
+    assert "CRPS" in printed and "PIT coverage" in printed
+    for g in ("A", "B"):
+        png = tmp_path / f"m_uncertainty_{g}.png"
+        h, w, _ = _png_shape(png)
+        assert w > 2.5 * h  # four panels side by side: observed, mean, aleatoric, epistemic
+        assert str(png) in printed
+    assert _png_shape(cal_png)[2] in (3, 4) and str(cal_png) in printed
+    table = pd.read_csv(out)
+    pred, truth = ad.read_h5ad(pred_path), ad.read_h5ad(synthetic_study[2])
+    direct, _ = evaluate(pred, truth)
+    for col in ("crps", "pit_coverage", "ause_epistemic", "ause_total"):
+        np.testing.assert_allclose(table[col], direct[col], rtol=1e-9)
+    cal = calibration_table(pred, truth)
+    assert cal["coverage_pit"].between(0, 1).all() and len(cal) == 10
+
+
+def test_evaluate_uncertainty_unknown_gene_is_one_line_before_writing(synthetic_study, tmp_path, capsys):
+    pred_path = _nb_pred_file(synthetic_study[2], tmp_path)
+    out = tmp_path / "m.csv"
+    assert run("--quiet", "evaluate", "--pred", pred_path, "--truth", synthetic_study[2], "--out", out,
+               "--plot-uncertainty", "NOTAGENE") == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("stimage: error:") and "NOTAGENE" in err[0], err
+    assert not out.exists()

@@ -72,3 +72,64 @@ def test_uncertainty_columns_coverage_and_mixture_nll(rng):
     np.testing.assert_allclose(table["nll"], ref, rtol=1e-6)
     assert 0.7 < table["coverage"].mean() < 0.97  # counts drawn from a mixture member: roughly nominal
     assert pred.obsm[keys.MEMBER_MU].shape == (n, m, 2)
+
+
+def _nb_prediction(rng, n=120, m=3, interval=0.8, r_value=None):
+    from scipy.stats import nbinom
+
+    from export.prediction import build_prediction
+
+    mu = rng.gamma(3.0, 2.0, size=(m, n, 2))
+    r = rng.uniform(1.0, 4.0, size=(m, n, 2)) if r_value is None else np.full((m, n, 2), r_value)
+    counts = nbinom.rvs(2.0, 2.0 / (2.0 + mu[0]), random_state=3)
+    spots = [f"s{i}" for i in range(n)]
+    truth = _ad(counts, spots, ["A", "B"], ["x"] * (n // 2) + ["y"] * (n - n // 2))
+    return build_prediction(truth, mu, r, ["A", "B"], {"test": True}, interval=interval), truth, mu, r, counts
+
+
+def test_evaluate_uncertainty_columns_match_direct_calls(rng):
+    from stimage_jax.uncertainty_metrics import nb_mixture_crps, pit_coverage, sparsification_error
+
+    pred, truth, mu, r, counts = _nb_prediction(rng, interval=0.9)
+    table, _ = evaluate(pred, truth)
+    mu32, r32 = mu.astype(np.float32).astype(np.float64), r.astype(np.float32).astype(np.float64)
+    for s, sl in (("x", slice(0, 60)), ("y", slice(60, 120))):
+        rows = table[table["sample"] == s]
+        y = counts[sl].astype(np.float64)
+        np.testing.assert_allclose(rows["crps"], nb_mixture_crps(y, mu32[:, sl], r32[:, sl]).mean(0), rtol=1e-10)
+        np.testing.assert_allclose(rows["pit_coverage"], pit_coverage(y, mu32[:, sl], r32[:, sl], 0.9), rtol=1e-10)
+        sq = np.square(np.asarray(pred.X[sl], np.float64) - y)
+        epi = np.asarray(pred.layers["var_epistemic"][sl], np.float64)
+        ale = np.asarray(pred.layers["var_aleatoric"][sl], np.float64)
+        np.testing.assert_allclose(rows["ause_epistemic"], sparsification_error(sq, epi)["ause"], rtol=1e-10)
+        np.testing.assert_allclose(rows["ause_total"], sparsification_error(sq, ale + epi)["ause"], rtol=1e-10)
+    s = summarise(table)
+    for k in ("crps", "pit_coverage", "ause_epistemic", "ause_total"):
+        assert s[k] == pytest.approx(table[k].mean())
+
+
+def test_evaluate_point_model_has_ause_but_no_count_scores(rng):
+    pred, truth, *_ = _nb_prediction(rng, r_value=np.inf)
+    table, _ = evaluate(pred, truth)
+    assert not {"nll", "crps", "pit_coverage"} & set(table.columns)
+    assert np.isfinite(table["ause_epistemic"]).all()  # the members' spread still ranks the errors
+    np.testing.assert_allclose(table["ause_total"], table["ause_epistemic"])  # no aleatoric variance
+    assert "crps" not in summarise(table)
+
+
+def test_calibration_table_pools_spots_and_genes(rng):
+    from stimage_jax.metrics import calibration_table
+    from stimage_jax.uncertainty_metrics import interval_coverage_curve
+
+    pred, truth, mu, r, counts = _nb_prediction(rng)
+    cal = calibration_table(pred, truth)
+    assert list(cal.columns) == ["level", "coverage_interval", "coverage_pit"]
+    assert list(cal["level"]) == pytest.approx([0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95])
+    ref = interval_coverage_curve(counts.astype(np.float64), mu.astype(np.float32).astype(np.float64),
+                                  r.astype(np.float32).astype(np.float64), cal["level"])
+    np.testing.assert_allclose(cal["coverage_pit"], ref["pit"].mean(1))
+    np.testing.assert_allclose(cal["coverage_interval"], ref["interval"].mean(1))
+    assert cal["coverage_interval"].is_monotonic_increasing
+    del pred.obsm["nb_member_mu"]
+    with pytest.raises(StimageError, match="members' NB parameters"):
+        calibration_table(pred, truth)
