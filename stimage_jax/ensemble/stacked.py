@@ -271,14 +271,15 @@ def _fit_vmap(model, x_train, y_train, x_val, y_val, *, keys, config, ckpt_dir, 
             best = keep_best(put(jnp.asarray(improved), P("member")), params, best)
         meta["epoch"] = epoch + 1
         for m in np.flatnonzero(active):
-            rec = {"epoch": epoch, "train_loss": float(train_loss[m]), "val_loss": float(val[m])}
-            histories[m].append(rec)
-            if on_epoch is not None:
-                on_epoch(int(m), epoch, rec)
+            histories[m].append({"epoch": epoch, "train_loss": float(train_loss[m]), "val_loss": float(val[m])})
         bar.update(1)
         bar.set_postfix(active=int((~meta["done"]).sum()), train=f"{np.mean(train_loss[active]):.4f}")
         if meta["done"].all() or meta["epoch"] % config.checkpoint_every == 0:
             save()
+        # After the checkpoint, as fit_member does: an interrupt in a callback loses no epoch.
+        if on_epoch is not None:
+            for m in np.flatnonzero(active):
+                on_epoch(int(m), epoch, histories[m][-1])
     bar.close()
     save()
     if mngr is not None:

@@ -59,7 +59,9 @@ def init_head_from_data(head: NBHead, feats: np.ndarray, counts: np.ndarray) -> 
     # any non-zero value on a new slide up by 1e6 and saturate the mean. Ignore it instead.
     alive = std > 1e-3 * (np.median(std[std > 0]) if np.any(std > 0) else 1.0)
     # Broadcasting also fills stacked heads (a leading member axis) with the same values.
-    fill = lambda var, v: var.__setitem__(..., jnp.broadcast_to(jnp.asarray(v, jnp.float32), var.shape))  # noqa: E731
+    def fill(var, v):
+        var[...] = jnp.broadcast_to(jnp.asarray(v, jnp.float32), var.shape)
+
     fill(head.feat_mean, feats.mean(0))
     fill(head.feat_scale, np.where(alive, std, np.inf))
     mean = counts.mean(0) + 1e-3
