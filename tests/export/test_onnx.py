@@ -33,8 +33,9 @@ def _max_rel(a, b):
     return float(np.max(np.abs(a - b) / np.maximum(np.abs(b), 1e-6)))
 
 
-@pytest.mark.parametrize("extra", [["--members", "2"], ["--members", "2", "--fine-tune"]],
-                         ids=["frozen", "fine-tuned"])
+@pytest.mark.parametrize("extra", [["--members", "2"], ["--members", "2", "--fine-tune"],
+                                   ["--members", "1", "--backbone", "tiny,resnet_tiny"]],
+                         ids=["frozen", "fine-tuned", "two-backbones"])
 def test_parity_with_jax_at_batch_1_7_64(synthetic_study, tmp_path, extra):
     wd = _train(synthetic_study[:2], tmp_path / "wd", *extra)
     assert main(["export-onnx", "--model", str(wd), "--out", str(tmp_path / "m.onnx")]) == 0
