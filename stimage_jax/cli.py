@@ -232,7 +232,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--backbone", help="feature extractor(s), comma separated for an FSTimage ensemble "
                    "(default efficientnet_lite0, or none with --embeddings)")
     t.add_argument("--weights", help="pretrained weights (safetensors; .pth with torch installed); "
-                   "one per backbone, comma separated")
+                   "one per backbone, comma separated; 'default' keeps a backbone's shipped weights, "
+                   "'none' initialises at random")
     t.add_argument("--embeddings", help="precomputed spot embeddings (UNI, Virchow2, ...): an obsm key, "
                    "or a folder of <sample>.npy; trained as one more feature source")
     t.add_argument("--members", type=int, default=1, help="members per feature source")

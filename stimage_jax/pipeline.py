@@ -112,10 +112,14 @@ def _parse_sources(backbone, embeddings, weights) -> list[dict]:
     if weights is None:
         wlist = [DEFAULT_WEIGHTS.get(b) for b in names]
     else:
-        wlist = [w.strip() or None for w in weights.split(",")] if isinstance(weights, str) else list(
+        wlist = [w.strip() for w in weights.split(",")] if isinstance(weights, str) else list(
             weights if isinstance(weights, (list, tuple)) else [weights])
         if len(wlist) != len(names):
             raise StimageError(f"{len(wlist)} weights file(s) for {len(names)} backbone(s): give one per backbone")
+        # In a list, "default" (or an empty entry) keeps a backbone's shipped weights and
+        # "none" asks for a random initialisation.
+        wlist = [DEFAULT_WEIGHTS.get(b) if w in (None, "", "default") else (None if w == "none" else w)
+                 for b, w in zip(names, wlist)]
     sources = []
     for b, w in zip(names, wlist):
         if w is not None and not Path(w).is_file():

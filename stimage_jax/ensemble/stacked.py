@@ -7,11 +7,11 @@ strategies train them, with identical results up to float rounding:
 - ``vmap``: one jitted step updates all members at once; each member has its own data
   order and early-stopping state. On several devices the member axis (and the batch) is
   sharded over a ``Mesh``. The natural choice on GPU/TPU.
-- ``loop``: members are unstacked and trained one after another with
-  :func:`~stimage_jax.ensemble.train.fit_member`. On CPU ``vmap`` over convolutions turns
-  them into grouped convolutions, which XLA:CPU runs 3–7× slower than a loop (measured;
-  see experiments/benchmarks/ensemble.py), so ``auto`` loops there when a backbone is
-  being trained.
+- ``loop``: the same jitted step, for one member at a time (compiled once, not once per
+  member). On CPU ``vmap`` over convolutions turns them into grouped convolutions, which
+  XLA:CPU runs several times slower than a loop (measured; see
+  experiments/benchmarks/ensemble.py), so ``auto`` loops there when a backbone is being
+  trained.
 
 Determinism matches ``fit_member``: member ``m`` sees the order
 ``permutation(fold_in(keys[m], epoch))`` and its own dropout stream, so ``vmap`` and
@@ -35,7 +35,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from tqdm.auto import tqdm
 
 from data_pipelines.errors import StimageError
-from stimage_jax.ensemble.train import LOSSES, TrainConfig, _padded_batches, _pure, fit_member
+from stimage_jax.ensemble.train import LOSSES, TrainConfig, _padded_batches, _pure
 
 __all__ = ["STRATEGIES", "resolve_strategy", "create_members", "stack_members", "unstack_members",
            "member_mesh", "fit_ensemble"]
@@ -106,28 +106,25 @@ def fit_ensemble(members: nnx.Module, x_train, y_train, x_val=None, y_val=None, 
     """Train stacked ``members`` (leading axis M) in place → ``(members, histories)``.
 
     keys: (M,) typed PRNG keys, one per member (data order). Everything else as
-    :func:`fit_member`, which this equals member by member. ``strategy`` is ``vmap`` or
-    ``loop`` (resolve ``auto`` first with :func:`resolve_strategy`). ``mesh``: "auto"
-    shards over all devices when there are several; None keeps one device.
-    histories: one list of {"epoch", "train_loss", "val_loss"} per member.
+    :func:`fit_member`, which this equals member by member. ``strategy``: ``vmap`` steps
+    all members in one program; ``loop`` steps them one after another through the same
+    jitted one-member step (compiled once); resolve ``auto`` first with
+    :func:`resolve_strategy`. ``mesh`` (vmap only): "auto" shards over all devices when
+    there are several; None keeps one device. Checkpoints (``ckpt_dir/stacked``) are the
+    same for both strategies. histories: one list of {"epoch", "train_loss", "val_loss"}
+    per member.
     """
-    if strategy == "loop":
-        trained, histories = [], []
-        for m, mem in enumerate(unstack_members(members)):
-            mem, hist = fit_member(mem, x_train, y_train, x_val, y_val, key=keys[m], config=config,
-                                   ckpt_dir=None if ckpt_dir is None else Path(ckpt_dir) / f"member_{m:03d}",
-                                   set_train_mode=set_train_mode, progress=progress,
-                                   desc=f"member {m + 1}/{len(keys)}",
-                                   on_epoch=None if on_epoch is None else partial(on_epoch, m))
-            trained.append(mem)
-            histories.append(hist)
-        nnx.update(members, nnx.state(stack_members(trained)))
-        return members, histories
-    if strategy != "vmap":
+    if strategy not in ("vmap", "loop"):
         raise StimageError(f"strategy must be 'vmap' or 'loop' here, got {strategy!r}")
-    return _fit_vmap(members, x_train, y_train, x_val, y_val, keys=keys, config=config,
-                     ckpt_dir=ckpt_dir, set_train_mode=set_train_mode, progress=progress,
-                     on_epoch=on_epoch, mesh=mesh)
+    if config.loss not in LOSSES:
+        raise StimageError(f"unknown loss {config.loss!r}; choose from {sorted(LOSSES)}")
+    n_mem = int(keys.shape[0])
+    groups = [(0, n_mem)] if strategy == "vmap" else [(m, m + 1) for m in range(n_mem)]
+    if strategy == "loop" or mesh == "auto" and n_mem == 1:
+        mesh = None
+    return _fit_groups(members, x_train, y_train, x_val, y_val, keys=keys, config=config, groups=groups,
+                       ckpt_dir=ckpt_dir, set_train_mode=set_train_mode, progress=progress,
+                       on_epoch=on_epoch, mesh=mesh, desc=f"{n_mem} members ({strategy})")
 
 
 def _where(mask, new, old):
@@ -141,10 +138,31 @@ def _where(mask, new, old):
     return jax.tree.map(f, new, old)
 
 
-def _fit_vmap(model, x_train, y_train, x_val, y_val, *, keys, config, ckpt_dir, set_train_mode,
-              progress, on_epoch, mesh):
-    if config.loss not in LOSSES:
-        raise StimageError(f"unknown loss {config.loss!r}; choose from {sorted(LOSSES)}")
+def _concat(trees):
+    """Groups of members (each with a leading member axis) → one tree over all members."""
+    if len(trees) == 1:
+        return trees[0]
+
+    def f(*xs):
+        if jax.dtypes.issubdtype(xs[0].dtype, jax.dtypes.prng_key):
+            return jax.random.wrap_key_data(jnp.concatenate([jax.random.key_data(x) for x in xs]),
+                                            impl=jax.random.key_impl(xs[0]))
+        return jnp.concatenate(xs)
+    return jax.tree.map(f, *trees)
+
+
+def _split(tree, groups):
+    """Inverse of :func:`_concat`: one tree per (start, stop) group of members."""
+    if len(groups) == 1:
+        return [tree]
+    return [jax.tree.map(lambda a: a[g0:g1], tree) for g0, g1 in groups]
+
+
+def _fit_groups(model, x_train, y_train, x_val, y_val, *, keys, config, groups, ckpt_dir, set_train_mode,
+                progress, on_epoch, mesh, desc):
+    """The training loop of both strategies: members in ``groups``, each group stepped by
+    one vmapped jitted step (one group of M = ``vmap``; M groups of 1 = ``loop``, where the
+    step compiles once and vmap over a length-1 axis costs nothing)."""
     n_mem = int(keys.shape[0])
     loss_fn = LOSSES[config.loss]
     tx = optax.adam(config.lr)
@@ -206,7 +224,7 @@ def _fit_vmap(model, x_train, y_train, x_val, y_val, *, keys, config, ckpt_dir, 
     histories: list[list[dict]] = [[] for _ in range(n_mem)]
     mngr = None
     if ckpt_dir is not None:
-        mngr = ocp.CheckpointManager(Path(ckpt_dir).absolute() / "vmap",
+        mngr = ocp.CheckpointManager(Path(ckpt_dir).absolute() / "stacked",
                                      options=ocp.CheckpointManagerOptions(max_to_keep=1))
         last = mngr.latest_step()
         if last is not None:
@@ -227,6 +245,8 @@ def _fit_vmap(model, x_train, y_train, x_val, y_val, *, keys, config, ckpt_dir, 
             for m in range(n_mem):
                 histories[m] = [{"epoch": int(e), "train_loss": float(t), "val_loss": float(v)}
                                 for e, t, v, ok in np.asarray(got["history"][m]) if ok]
+    # From here on the state is a list of groups; concatenated again to save and to finish.
+    params, rest, opt_state, best = (_split(t, groups) for t in (params, rest, opt_state, best))
 
     def save():
         if mngr is None or mngr.latest_step() == meta["epoch"]:
@@ -236,12 +256,12 @@ def _fit_vmap(model, x_train, y_train, x_val, y_val, *, keys, config, ckpt_dir, 
             for i, rec in enumerate(h):
                 hist[m, i] = (rec["epoch"], rec["train_loss"], rec["val_loss"], 1.0)
         mngr.save(meta["epoch"], force=True, args=ocp.args.StandardSave({
-            "params": _pure(params), "rest": _pure(rest), "opt": _pure(opt_state), "best": _pure(best),
-            "meta": {k: np.asarray(v) for k, v in meta.items() if k != "epoch"}, "history": hist}))
+            "params": _pure(_concat(params)), "rest": _pure(_concat(rest)), "opt": _pure(_concat(opt_state)),
+            "best": _pure(_concat(best)), "meta": {k: np.asarray(v) for k, v in meta.items() if k != "epoch"},
+            "history": hist}))
         mngr.wait_until_finished()
 
-    bar = tqdm(total=config.max_epochs, initial=meta["epoch"], desc=f"{n_mem} members (vmap)",
-               disable=not progress, leave=False)
+    bar = tqdm(total=config.max_epochs, initial=meta["epoch"], desc=desc, disable=not progress, leave=False)
     batch_spec, val_spec = P("member", "batch"), P("batch")
     while not meta["done"].all() and meta["epoch"] < config.max_epochs:
         epoch = meta["epoch"]
@@ -249,26 +269,34 @@ def _fit_vmap(model, x_train, y_train, x_val, y_val, *, keys, config, ckpt_dir, 
         orders = [np.asarray(jax.random.permutation(jax.random.fold_in(keys[m], epoch), n)) for m in range(n_mem)]
         gens = [_padded_batches(x_train, y_train, o, config.batch_size) for o in orders]
         tot = np.zeros(n_mem)
-        active_j = put(jnp.asarray(active), P("member"))
+        live = [gi for gi, (g0, g1) in enumerate(groups) if active[g0:g1].any()]
+        active_j = {gi: put(jnp.asarray(active[g0:g1]), P("member")) for gi, (g0, g1) in enumerate(groups)}
         for parts in zip(*gens):
-            xb = put(jnp.stack([p[0] for p in parts]), batch_spec)
-            yb = put(jnp.stack([p[1] for p in parts]), batch_spec)
-            wb = put(jnp.stack([p[2] for p in parts]), batch_spec)
-            params, rest, opt_state, loss = step(params, rest, opt_state, xb, yb, wb, active_j)
-            tot += np.asarray(loss, np.float64) * np.asarray(parts[0][2]).sum()
+            for gi in live:  # a stopped member's group is skipped (loop) or masked (vmap)
+                g0, g1 = groups[gi]
+                xb = put(jnp.stack([q[0] for q in parts[g0:g1]]), batch_spec)
+                yb = put(jnp.stack([q[1] for q in parts[g0:g1]]), batch_spec)
+                wb = put(jnp.stack([q[2] for q in parts[g0:g1]]), batch_spec)
+                params[gi], rest[gi], opt_state[gi], loss = step(params[gi], rest[gi], opt_state[gi], xb, yb, wb,
+                                                                 active_j[gi])
+                tot[g0:g1] += np.asarray(loss, np.float64) * np.asarray(parts[0][2]).sum()
         train_loss = tot / n
         val = np.full(n_mem, math.nan)
         if has_val:
             acc = np.zeros(n_mem)
             for xb, yb, wb in _padded_batches(x_val, y_val, np.arange(len(y_val)), config.eval_batch_size):
-                acc += np.asarray(val_step(params, rest, put(xb, val_spec), put(yb, val_spec), put(wb, val_spec)),
-                                  np.float64)
+                xb, yb, wb = put(xb, val_spec), put(yb, val_spec), put(wb, val_spec)
+                for gi in live:
+                    g0, g1 = groups[gi]
+                    acc[g0:g1] += np.asarray(val_step(params[gi], rest[gi], xb, yb, wb), np.float64)
             val = acc / len(y_val)
             improved = active & (val < meta["best_val"])
             meta["best_val"] = np.where(improved, val, meta["best_val"])
             meta["bad"] = np.where(improved, 0, meta["bad"] + active)
             meta["done"] = meta["done"] | (active & (meta["bad"] >= config.patience))
-            best = keep_best(put(jnp.asarray(improved), P("member")), params, best)
+            for gi in live:
+                g0, g1 = groups[gi]
+                best[gi] = keep_best(put(jnp.asarray(improved[g0:g1]), P("member")), params[gi], best[gi])
         meta["epoch"] = epoch + 1
         for m in np.flatnonzero(active):
             histories[m].append({"epoch": epoch, "train_loss": float(train_loss[m]), "val_loss": float(val[m])})
@@ -284,7 +312,7 @@ def _fit_vmap(model, x_train, y_train, x_val, y_val, *, keys, config, ckpt_dir, 
     save()
     if mngr is not None:
         mngr.close()
-    final = best if has_val else params
-    nnx.update(model, nnx.state(merge(g_eval, final, rest)))
+    final = _concat(best if has_val else params)
+    nnx.update(model, nnx.state(merge(g_eval, final, _concat(rest))))
     model.eval()
     return model, histories

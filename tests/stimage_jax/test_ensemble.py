@@ -119,7 +119,7 @@ def test_truncated_vmap_checkpoint_is_a_clear_error(nb_data, tmp_path):
     st, ks = _stacked(x, y, 2)
     fit_ensemble(st, x, y, keys=ks, config=TrainConfig(max_epochs=2, checkpoint_every=1), strategy="vmap",
                  ckpt_dir=tmp_path, progress=False, mesh=None)
-    for f in (tmp_path / "vmap").rglob("*"):
+    for f in (tmp_path / "stacked").rglob("*"):
         if f.is_file() and f.stat().st_size > 64 and "ocdbt" not in f.name and f.suffix != ".json":
             f.write_bytes(f.read_bytes()[: f.stat().st_size // 2])
     st, _ = _stacked(x, y, 2)
@@ -287,3 +287,15 @@ def test_checkpoint_from_another_gene_set_is_refused(synthetic_study, tmp_path, 
     assert run(*base, "--genes", "A,C") == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "genes" in err[0]
+
+
+def test_weights_list_default_and_none_entries(tmp_path):
+    from stimage_jax.features.registry import DEFAULT_WEIGHTS
+    from stimage_jax.pipeline import _parse_sources
+
+    src = _parse_sources("efficientnet_lite0,tiny", None, "default,none")
+    assert src[0]["weights"] == str(DEFAULT_WEIGHTS["efficientnet_lite0"]) and src[1]["weights"] is None
+    with pytest.raises(StimageError, match="1 weights file"):
+        _parse_sources("efficientnet_lite0,tiny", None, "default")
+    with pytest.raises(StimageError, match="not found"):
+        _parse_sources("tiny", None, str(tmp_path / "missing.safetensors"))
