@@ -20,6 +20,7 @@ of the samples.
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import os
 import re
@@ -35,10 +36,13 @@ from data_pipelines import keys
 from data_pipelines.errors import StimageError
 from data_pipelines.slides.common import IMAGE_SCALE, LIBRARY_ID
 
-__all__ = ["spot_tiles", "tile_geometry", "crop_tile", "load_image", "PAD_VALUE"]
+__all__ = ["spot_tiles", "tile_geometry", "crop_tile", "load_image", "lowres_view", "sample_image_path", "stain_tag",
+           "PAD_VALUE"]
 
 log = logging.getLogger("stimage")
 PAD_VALUE = 255  # white, like the glass around tissue
+LOWRES_SIDE = 2048  # px, longer side of the view a slide's own stains are estimated from
+STAIN_BATCH = 64  # tiles normalised per vectorised step
 
 
 def _samples(adata) -> list[str]:
@@ -140,20 +144,44 @@ def crop_tile(img: np.ndarray, cx: float, cy: float, crop_px: float, tile_px: in
     return out, frac
 
 
-def _image_path(adata, lib: str) -> str:
+def sample_image_path(adata, lib: str) -> str:
+    """The H&E image file of sample ``lib`` (``uns["spatial"][lib]["metadata"]["image_path"]``)."""
     try:
         return str(adata.uns[keys.SPATIAL_UNS][lib]["metadata"][keys.IMAGE_PATH])
     except (KeyError, TypeError):
         raise StimageError(f"sample {lib}: no image path in uns['spatial'][{lib!r}]['metadata']") from None
 
 
-def _cache_name(lib: str, tile_um: float, tile_px: int, geo: dict, xy: np.ndarray, image_path: str) -> str:
-    """``<sample>__<tile_um>um_<tile_px>px__<hash>.npy``; the hash covers the spot coordinates,
-    crop size (so mpp/image_scale) and image file name, so any change makes a new file."""
+_image_path = sample_image_path  # the name data_pipelines.tissue imports
+
+
+def stain_tag(stain) -> str:
+    """A short name for a stain reference (method + hash of its statistics), or "raw"."""
+    if stain is None:
+        return "raw"
+    h = hashlib.sha1(json.dumps(stain.to_dict(), sort_keys=True).encode()).hexdigest()[:8]
+    return f"{stain.method}-{h}"
+
+
+def lowres_view(img: np.ndarray, max_side: int = LOWRES_SIDE) -> np.ndarray:
+    """The image downscaled (area averaging) so its longer side is at most ``max_side`` px."""
+    h, w = img.shape[:2]
+    f = max_side / max(h, w)
+    if f >= 1:
+        return img
+    return cv2.resize(img, (max(int(round(w * f)), 1), max(int(round(h * f)), 1)), interpolation=cv2.INTER_AREA)
+
+
+def _cache_name(lib: str, tile_um: float, tile_px: int, geo: dict, xy: np.ndarray, image_path: str,
+                stain=None) -> str:
+    """``<sample>__<tile_um>um_<tile_px>px[__<stain>]__<hash>.npy``; the hash covers the spot
+    coordinates, crop size (so mpp/image_scale) and image file name, so any change makes a
+    new file; stain-normalised tiles carry the reference's tag."""
     h = hashlib.sha1(np.ascontiguousarray(xy, np.float64).tobytes())
     h.update(f"{geo['crop_px']:.6f}|{Path(image_path).name}".encode())
     safe = re.sub(r"[^A-Za-z0-9._-]", "_", lib)
-    return f"{safe}__{tile_um:g}um_{tile_px}px__{h.hexdigest()[:10]}.npy"
+    tag = "" if stain is None else f"__{stain_tag(stain)}"
+    return f"{safe}__{tile_um:g}um_{tile_px}px{tag}__{h.hexdigest()[:10]}.npy"
 
 
 def _load_cache(cache: Path, n: int, tile_px: int):
@@ -175,14 +203,15 @@ def _load_cache(cache: Path, n: int, tile_px: int):
 
 
 def _sample_tiles(adata, lib: str, tile_um: float, tile_px: int, geo: dict, cache_dir,
-                  progress: bool) -> tuple[np.ndarray, np.ndarray]:
+                  progress: bool, stain=None) -> tuple[np.ndarray, np.ndarray]:
     xy = np.asarray(adata.obsm[keys.SPATIAL], np.float64)
     if xy.ndim != 2 or xy.shape[1] != 2 or not np.isfinite(xy).all():
         raise StimageError(f"sample {lib}: obsm['spatial'] must be finite (n_spots, 2) pixel x, y "
                            f"(got shape {xy.shape})")
-    path = _image_path(adata, lib)
+    path = sample_image_path(adata, lib)
     n = len(xy)
-    cache = Path(cache_dir) / _cache_name(lib, tile_um, tile_px, geo, xy, path) if cache_dir is not None else None
+    cache = (Path(cache_dir) / _cache_name(lib, tile_um, tile_px, geo, xy, path, stain)
+             if cache_dir is not None else None)
     if cache is not None:
         hit = _load_cache(cache, n, tile_px)
         if hit is not None:
@@ -206,6 +235,13 @@ def _sample_tiles(adata, lib: str, tile_um: float, tile_px: int, geo: dict, cach
         frac = np.zeros(n, np.float32)
         for i in tqdm(range(n), desc=f"tiles {lib}", disable=not progress, leave=False):
             tiles[i], frac[i] = crop_tile(img, centres[i, 0], centres[i, 1], geo["crop_px"], tile_px)
+        if stain is not None:
+            from data_pipelines.stain_normalisation import apply_stain, fit_source
+
+            # The slide's own stains, once, from a low-resolution view; then batches of tiles.
+            source = fit_source(stain.method, lowres_view(img))
+            for s0 in range(0, n, STAIN_BATCH):
+                tiles[s0:s0 + STAIN_BATCH] = apply_stain(stain, source, np.asarray(tiles[s0:s0 + STAIN_BATCH]))
         if cache is not None:
             tiles.flush()
             del tiles
@@ -225,9 +261,12 @@ def _sample_tiles(adata, lib: str, tile_um: float, tile_px: int, geo: dict, cach
 
 
 def spot_tiles(adata, *, tile_um: float | None = None, tile_px: int = 299,
-               cache_dir: str | os.PathLike | None = None, progress: bool = True) -> np.ndarray:
+               cache_dir: str | os.PathLike | None = None, progress: bool = True, stain=None) -> np.ndarray:
     """(n_spots, tile_px, tile_px, 3) uint8 RGB tiles in ``adata``'s spot order.
 
+    stain: a :class:`~data_pipelines.stain_normalisation.Reference` to normalise towards
+    (each sample's own stains are estimated once from a low-resolution view of its image),
+    or None for the raw tiles.
     tile_um: tile side in µm (default the spot diameter, ``uns["stimage"]["spot_diameter_um"]``);
     tile_px: output side in px. Each sample's image is read once (not at all when its cache
     is valid). Sets ``obs["tile_border_frac"]`` (fraction of each crop padded white) unless
@@ -239,7 +278,8 @@ def spot_tiles(adata, *, tile_um: float | None = None, tile_px: int = 299,
     tile_um, tile_px = geo["tile_um"], geo["tile_px"]
     libs = list(geo["samples"])
     if len(libs) == 1:
-        tiles, frac = _sample_tiles(adata, libs[0], tile_um, tile_px, geo["samples"][libs[0]], cache_dir, progress)
+        tiles, frac = _sample_tiles(adata, libs[0], tile_um, tile_px, geo["samples"][libs[0]], cache_dir, progress,
+                                    stain)
     else:
         samples = adata.obs[keys.SAMPLE].astype(str).to_numpy()
         tiles = np.empty((adata.n_obs, tile_px, tile_px, 3), np.uint8)
@@ -247,7 +287,7 @@ def spot_tiles(adata, *, tile_um: float | None = None, tile_px: int = 299,
         for lib in libs:
             m = samples == lib
             tiles[m], frac[m] = _sample_tiles(adata[m], lib, tile_um, tile_px, geo["samples"][lib],
-                                              cache_dir, progress)
+                                              cache_dir, progress, stain)
     if not adata.is_view:
         adata.obs[keys.TILE_BORDER_FRAC] = frac
     return tiles

@@ -51,6 +51,12 @@ class OnnxEnsemble:
         self.tile_px = int(meta["tile_px"])
         self.tile_um = float(meta["tile_um"])
         self.provenance = json.loads(meta["provenance"])
+        stain = json.loads(meta.get("stain_reference", "null"))
+        if stain:
+            from data_pipelines.stain_normalisation import Reference
+
+            stain = Reference.from_dict(stain, where=f"{path}'s stain reference")
+        self.stain = stain or None  # tiles are normalised towards it before the graph runs
         self.providers = self.session.get_providers()
 
     def params(self, tiles: np.ndarray, *, batch_size: int = 32, progress: bool = False):
@@ -75,7 +81,7 @@ def predict_adata(adata, model: OnnxEnsemble, *, batch_size: int = 32, progress:
     from data_pipelines.tiles import spot_tiles
     from export.prediction import build_prediction
 
-    tiles = spot_tiles(adata, tile_um=model.tile_um, tile_px=model.tile_px, progress=progress)
+    tiles = spot_tiles(adata, tile_um=model.tile_um, tile_px=model.tile_px, progress=progress, stain=model.stain)
     mu, r = model.params(tiles, batch_size=batch_size, progress=progress)
     prov = {**model.provenance, "runtime": "onnxruntime", "providers": list(model.providers)}
     return build_prediction(adata, mu, r, model.genes, prov, interval=interval)
@@ -113,7 +119,8 @@ def main(argv: list[str] | None = None) -> int:
             pred, maps = slide_to_files(a.slide, lambda t: model.params(t, batch_size=len(t)), model.genes, prov,
                                         a.out, tile_um=model.tile_um, tile_px=model.tile_px, mpp=a.mpp,
                                         heatmap_genes=_csv(a.genes), min_coverage=a.min_coverage,
-                                        batch_size=a.batch_size, overwrite=a.overwrite, progress=not a.quiet)
+                                        batch_size=a.batch_size, overwrite=a.overwrite, progress=not a.quiet,
+                                        stain=model.stain)
             for p in maps:
                 print(f"heatmap -> {p}")
         else:

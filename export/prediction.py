@@ -54,11 +54,13 @@ def build_prediction(adata: ad.AnnData, mu: np.ndarray, r: np.ndarray, genes, pr
 
 def predict_slide(slide, params_fn, genes, provenance: dict, *, tile_um: float, tile_px: int,
                   min_coverage: float = 0.7, batch_size: int = 32, progress: bool = True,
-                  interval: float = 0.8) -> ad.AnnData:
+                  interval: float = 0.8, stain=None) -> ad.AnnData:
     """Grid-tile a whole slide on tissue and predict every tile, one batch in memory at a time.
 
     ``params_fn(tiles uint8 (b, px, px, 3)) -> (mu, r)`` each (members, b, genes): the JAX
     model or the ONNX session. One obs per tile; ``obsm["spatial"]`` its centre in slide px.
+    stain: the model's stain reference (None: raw tiles); the slide's own stains are
+    estimated once from its thumbnail.
     """
     from tqdm.auto import tqdm
 
@@ -67,8 +69,15 @@ def predict_slide(slide, params_fn, genes, provenance: dict, *, tile_um: float, 
     centres, coverage, crop_px = slide_grid(slide, tile_um=tile_um, min_coverage=min_coverage)
     skeleton = grid_adata(slide, centres, coverage, crop_px, tile_um)
     mus, rs = [], []
+    source = None
+    if stain is not None:
+        from data_pipelines.stain_normalisation import apply_stain, fit_source
+
+        source = fit_source(stain.method, slide.thumbnail()[0])
     batches = iter_grid_tiles(slide, centres, crop_px, tile_px, batch_size)
     for _, tiles in tqdm(batches, total=-(-len(centres) // batch_size), desc="slide", disable=not progress):
+        if stain is not None:
+            tiles = apply_stain(stain, source, tiles)
         mu, r = params_fn(tiles)
         mus.append(np.asarray(mu))
         rs.append(np.asarray(r))
@@ -116,7 +125,7 @@ def write_heatmaps(pred: ad.AnnData, genes, out_prefix, *, cell_px: int = 8, ove
 
 def slide_to_files(slide_path, params_fn, genes, provenance: dict, out, *, tile_um: float, tile_px: int,
                    mpp: float | None = None, heatmap_genes=(), min_coverage: float = 0.7,
-                   batch_size: int = 32, overwrite: bool = False, progress: bool = True):
+                   batch_size: int = 32, overwrite: bool = False, progress: bool = True, stain=None):
     """The ``--slide`` command for either runtime: predict, write ``out`` (.h5ad) and
     ``<out stem>_<gene>.png`` heatmaps. Unknown heatmap genes fail before any work."""
     from data_pipelines.errors import StimageError
@@ -128,6 +137,7 @@ def slide_to_files(slide_path, params_fn, genes, provenance: dict, out, *, tile_
         raise StimageError(f"gene(s) not predicted by this model: {', '.join(bad)}")
     check_writable(out, overwrite)
     pred = predict_slide(open_slide(slide_path, mpp=mpp), params_fn, genes, provenance, tile_um=tile_um,
-                         tile_px=tile_px, min_coverage=min_coverage, batch_size=batch_size, progress=progress)
+                         tile_px=tile_px, min_coverage=min_coverage, batch_size=batch_size, progress=progress,
+                         stain=stain)
     write_h5ad(pred, out, overwrite=overwrite)
     return pred, write_heatmaps(pred, heatmap_genes, str(out).removesuffix(".h5ad"), overwrite=overwrite)

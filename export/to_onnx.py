@@ -92,7 +92,7 @@ def export_onnx(model: EnsembleModel, out: str | os.PathLike, *, overwrite: bool
     meta = {"format": ONNX_FORMAT, "genes": json.dumps(cfg["genes"]), "tile_um": str(cfg["tile_um"]),
             "tile_px": str(px), "backbone": cfg["backbone"], "members": str(cfg["members"]),
             "nb_parameterisation": cfg["nb_parameterisation"], "target": cfg["train"]["loss"],
-            "stain_reference": "null",  # stain normalisation arrives with issue 3
+            "stain_reference": json.dumps(cfg.get("stain")),  # null: raw tiles
             "provenance": json.dumps(provenance(cfg)), "model_config": json.dumps(cfg)}
     del proto.metadata_props[:]
     for k, v in meta.items():

@@ -14,6 +14,7 @@ from pathlib import Path
 
 from data_pipelines.errors import StimageError
 from data_pipelines.paths import shared_dir
+from data_pipelines.stain_normalisation import METHODS as STAIN_METHODS
 
 __all__ = ["main", "build_parser"]
 
@@ -58,7 +59,7 @@ def cmd_train(a) -> None:
                   strategy=a.ensemble_strategy, tile_um=a.tile_um, tile_px=a.tile_px,
                   val_samples=_csv(a.val_samples) if a.val_samples else None,
                   config=_train_config(a), dropout=a.dropout, seed=a.seed, progress=not a.quiet,
-                  overwrite=a.overwrite)
+                  overwrite=a.overwrite, stain=a.stain, stain_template=a.stain_template)
     print(f"trained {model.config['members']} member(s) on {', '.join(model.config['training_samples'])} "
           f"({len(model.genes)} genes, features {model.config['backbone']}, {model.config['strategy']} strategy) "
           f"-> {Path(a.workdir) / 'model'}")
@@ -89,7 +90,8 @@ def cmd_predict(a) -> int | None:
                                     model.genes, {**provenance(cfg), "runtime": "jax"}, a.out,
                                     tile_um=cfg["tile_um"], tile_px=cfg["tile_px"], mpp=a.mpp,
                                     heatmap_genes=_csv(a.genes), min_coverage=a.min_coverage,
-                                    batch_size=a.batch_size, overwrite=a.overwrite, progress=not a.quiet)
+                                    batch_size=a.batch_size, overwrite=a.overwrite, progress=not a.quiet,
+                                    stain=model.stain)
         for p in maps:
             print(f"heatmap -> {p}")
     else:
@@ -237,6 +239,11 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--embeddings", help="precomputed spot embeddings (UNI, Virchow2, ...): an obsm key, "
                    "or a folder of <sample>.npy; trained as one more feature source")
     t.add_argument("--members", type=int, default=1, help="members per feature source")
+    t.add_argument("--stain", default="none", choices=["none", *STAIN_METHODS],
+                   help="stain-normalise every tile towards a template (stored with the model, reused "
+                   "at prediction); default none")
+    t.add_argument("--stain-template", help="template H&E image for --stain (default: a low-resolution view "
+                   "of the first training sample's image)")
     t.add_argument("--ensemble-strategy", default="auto", choices=["auto", "vmap", "loop"],
                    help="train members at once (vmap) or one by one (loop); auto: loop when "
                         "fine-tuning on CPU, else vmap")

@@ -27,7 +27,8 @@ from data_pipelines import keys
 from data_pipelines.errors import StimageError
 from data_pipelines.io import atomic_path
 from data_pipelines.slides import read_h5ad
-from data_pipelines.tiles import spot_tiles, tile_geometry
+from data_pipelines.stain_normalisation import fit_stain
+from data_pipelines.tiles import load_image, lowres_view, sample_image_path, spot_tiles, stain_tag, tile_geometry
 from export.prediction import build_prediction
 from stimage_jax import __version__
 from stimage_jax.ensemble.model import MODEL_FORMAT, EnsembleModel, build_member
@@ -85,14 +86,18 @@ def _tile_um(adatas, tile_um):
     return ums.pop()
 
 
-def sample_features(backbone, adatas, geometry, weights_fp, cache: Path, batch_size=32, progress=True):
-    """Per-sample (N_s, D) features of spot tiles, both cached under ``cache``."""
+def sample_features(backbone, adatas, geometry, weights_fp, cache: Path, batch_size=32, progress=True,
+                    stain=None):
+    """Per-sample (N_s, D) features of spot tiles (stain-normalised towards ``stain`` when
+    given), both cached under ``cache``."""
     feats = []
     for a in adatas:
         s = _sample_id(a)
         tiles = spot_tiles(a, tile_um=geometry["tile_um"], tile_px=geometry["tile_px"],
-                           cache_dir=cache / "tiles", progress=progress)
-        name = f"{s}__{geometry['backbone']}__{weights_fp}__{geometry['tile_um']:g}um{geometry['tile_px']}px.npy"
+                           cache_dir=cache / "tiles", progress=progress, stain=stain)
+        tag = "" if stain is None else f"__{stain_tag(stain)}"
+        name = (f"{s}__{geometry['backbone']}__{weights_fp}__{geometry['tile_um']:g}um{geometry['tile_px']}px"
+                f"{tag}.npy")
         feats.append(cached_features(backbone, tiles, cache / "features" / name,
                                      batch_size=batch_size, progress=progress, desc=f"features {s}"))
     return feats
@@ -136,7 +141,8 @@ def train(data, workdir: str | os.PathLike, *, genes: str = "markers",
           tile_um: float | None = None, tile_px: int = 299, val_samples: list[str] | None = None,
           config: TrainConfig = TrainConfig(), head_hidden: int = 0, dropout: float = 0.0,
           seed: int = 0, strategy: str = "auto", feature_batch_size: int = 32, progress: bool = True,
-          overwrite: bool = False, cache_dir: str | os.PathLike | None = None) -> EnsembleModel:
+          overwrite: bool = False, cache_dir: str | os.PathLike | None = None,
+          stain: str | None = None, stain_template: str | os.PathLike | None = None) -> EnsembleModel:
     """Train an ensemble of NB models; return it (also saved in ``workdir/model``).
 
     data: .h5ad paths or AnnData objects (one or more samples each). ``members`` models
@@ -146,6 +152,9 @@ def train(data, workdir: str | os.PathLike, *, genes: str = "markers",
     by default the last training sample when there are at least two; never spots of a
     training sample. ``strategy``: auto|vmap|loop (see :mod:`stimage_jax.ensemble.stacked`).
     Tiles and features are cached under ``cache_dir`` (default ``workdir/cache``).
+    ``stain``: vahadane|macenko|reinhard normalises every tile towards a template — the
+    image ``stain_template``, or a low-resolution view of the first training sample's
+    image; the fitted reference is stored with the model and reused at prediction.
     """
     if members < 1:
         raise StimageError(f"--members must be >= 1 (got {members})")
@@ -170,7 +179,17 @@ def train(data, workdir: str | os.PathLike, *, genes: str = "markers",
         s["weights_fingerprint"] = weights_fingerprint(s.get("weights")) if s["kind"] == "backbone" else None
     geometry = ({"tile_um": _tile_um(adatas, tile_um), "tile_px": int(tile_px)} if backbone_sources
                 else {"tile_um": None, "tile_px": None})
-    request = {"data_samples": sample_ids, "genes": gene_list,
+    stain_ref = None
+    if stain not in (None, "none"):
+        if not backbone_sources:
+            raise StimageError("--stain normalises tiles, but an embeddings-only model reads no tiles")
+        template = stain_template
+        if template is None:
+            first = next(a for a, sid in zip(adatas, sample_ids) if sid not in val_samples)
+            template = sample_image_path(first, _sample_id(first))
+        stain_ref = fit_stain(stain, lowres_view(load_image(template)))
+        log.info("stain normalisation: %s towards %s", stain, template)
+    request = {"data_samples": sample_ids, "genes": gene_list, "stain": stain_tag(stain_ref),
                "sources": [{k: v for k, v in s.items() if k != "weights"} for s in sources],
                "members": members, "fine_tune": fine_tune, "val_samples": list(val_samples),
                "train": dataclasses.asdict(config), "head": {"hidden": head_hidden, "dropout": dropout},
@@ -202,7 +221,8 @@ def train(data, workdir: str | os.PathLike, *, genes: str = "markers",
         bb = create_backbone(s["backbone"], rngs=nnx.Rngs(seed), weights=s["weights"])
         backbones[s["name"]] = bb
         feats[s["name"]] = sample_features(bb, adatas, {"backbone": s["backbone"], **geometry},
-                                           s["weights_fingerprint"], cache, feature_batch_size, progress)
+                                           s["weights_fingerprint"], cache, feature_batch_size, progress,
+                                           stain=stain_ref)
     for s in sources:
         s["num_features"] = int(feats[s["name"]][0].shape[1])
     is_val = [s in val_samples for s in sample_ids]
@@ -218,6 +238,7 @@ def train(data, workdir: str | os.PathLike, *, genes: str = "markers",
            "backbone": ",".join(s["name"] for s in sources), "sources": sources,
            "member_sources": [s["name"] for s in sources for _ in range(members)],
            "fine_tune": fine_tune, "members": members * len(sources), "members_per_source": members,
+           "stain": None if stain_ref is None else stain_ref.to_dict(),
            "head": {"hidden": head_hidden, "dropout": dropout},
            "tile_um": geometry["tile_um"], "tile_px": geometry["tile_px"], "train": dataclasses.asdict(config),
            "seed": seed, "strategy": resolved, "training_samples": [s for s, v in zip(sample_ids, is_val) if not v],
@@ -233,7 +254,8 @@ def train(data, workdir: str | os.PathLike, *, genes: str = "markers",
         train_keys = jnp.stack([jax.random.fold_in(jax.random.fold_in(key, i), 1) for i in ids])
         if fine_tune:
             tiles = [np.asarray(spot_tiles(a, tile_um=geometry["tile_um"], tile_px=geometry["tile_px"],
-                                           cache_dir=cache / "tiles", progress=False)) for a in adatas]
+                                           cache_dir=cache / "tiles", progress=False, stain=stain_ref))
+                     for a in adatas]
             x_tr, x_va = pick(tiles, False), pick(tiles, True)
             stacked = stack_members([build_member(cfg, rngs=nnx.Rngs(k), source=src, backbone=create_backbone(
                 src["backbone"], rngs=nnx.Rngs(0), weights=src["weights"])) for k in init_keys])
@@ -291,7 +313,8 @@ def predict(adata: ad.AnnData, model: EnsembleModel, *, batch_size: int = 32,
     if not needs_tiles:
         tiles = None
     elif tiles is None:
-        tiles = spot_tiles(adata, tile_um=cfg["tile_um"], tile_px=cfg["tile_px"], progress=progress)
+        tiles = spot_tiles(adata, tile_um=cfg["tile_um"], tile_px=cfg["tile_px"], progress=progress,
+                           stain=model.stain)
     elif tiles.shape[1:] != (cfg["tile_px"], cfg["tile_px"], 3):
         raise StimageError(f"tiles have shape {tiles.shape[1:]}, the model expects "
                            f"({cfg['tile_px']}, {cfg['tile_px']}, 3)")
@@ -304,4 +327,5 @@ def provenance(cfg: dict) -> dict:
     return {"backbone": cfg["backbone"], "genes": cfg["genes"], "tile_um": cfg["tile_um"],
             "tile_px": cfg["tile_px"], "members": cfg["members"], "fine_tune": cfg["fine_tune"],
             "model_version": cfg["version"], "version": __version__, "training_samples": cfg["training_samples"],
-            "nb_parameterisation": cfg["nb_parameterisation"], "target": cfg["train"]["loss"]}
+            "nb_parameterisation": cfg["nb_parameterisation"], "target": cfg["train"]["loss"],
+            "stain": (cfg.get("stain") or {}).get("method", "none")}

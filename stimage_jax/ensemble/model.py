@@ -111,6 +111,17 @@ class EnsembleModel:
         return list(self.config["member_sources"])
 
     @property
+    def stain(self):
+        """The stain :class:`~data_pipelines.stain_normalisation.Reference` tiles are
+        normalised towards, or None (raw tiles)."""
+        d = self.config.get("stain")
+        if not d:
+            return None
+        from data_pipelines.stain_normalisation import Reference
+
+        return Reference.from_dict(d, where="the model's stain reference")
+
+    @property
     def backbone(self) -> nnx.Module | None:
         """The frozen backbone when the model has exactly one source and it is one."""
         return next(iter(self.backbones.values())) if len(self.sources) == 1 and self.backbones else None
