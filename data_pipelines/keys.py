@@ -9,7 +9,7 @@ from __future__ import annotations
 
 __all__ = [
     "SAMPLE", "ARRAY_ROW", "ARRAY_COL", "SPATIAL", "SPATIAL_UNS", "STIMAGE_UNS",
-    "MPP", "SPOT_DIAMETER_UM", "IMAGE_PATH", "LABEL", "TILE_BORDER_FRAC",
+    "MPP", "SPOT_DIAMETER_UM", "IMAGE_PATH", "LABEL", "TILE_BORDER_FRAC", "TISSUE_COVERAGE",
     "VAR_ALEATORIC", "VAR_EPISTEMIC", "Q_LO", "Q_HI", "MEMBER_MEAN", "MEMBER_MU", "MEMBER_R",
     "SPOT_DIAMETER_FULLRES", "IMAGE_SCALE", "LIBRARY_ID", "PLATFORM", "DROPPED", "PREDICTION",
 ]
@@ -20,6 +20,7 @@ ARRAY_ROW = "array_row"              # spot grid row (int)
 ARRAY_COL = "array_col"              # spot grid column (int)
 LABEL = "pathologist_label"          # HER2ST pathologist annotation, when present
 TILE_BORDER_FRAC = "tile_border_frac"  # fraction of a spot tile that lay outside the image (padded)
+TISSUE_COVERAGE = "tissue_coverage"  # fraction (0..1) of a spot's / grid tile's square that is tissue
 
 # obsm
 SPATIAL = "spatial"                  # full-resolution image pixel (x, y), float

@@ -152,9 +152,6 @@ def sample_image_path(adata, lib: str) -> str:
         raise StimageError(f"sample {lib}: no image path in uns['spatial'][{lib!r}]['metadata']") from None
 
 
-_image_path = sample_image_path  # the name data_pipelines.tissue imports
-
-
 def stain_tag(stain) -> str:
     """A short name for a stain reference (method + hash of its statistics), or "raw"."""
     if stain is None:

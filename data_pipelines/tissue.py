@@ -32,13 +32,13 @@ import pandas as pd
 
 from data_pipelines import keys
 from data_pipelines.errors import StimageError
-from data_pipelines.tiles import _image_path, load_image, tile_geometry
+from data_pipelines.tiles import load_image, sample_image_path, tile_geometry
 
 __all__ = ["TISSUE_COVERAGE", "DEFAULT_MIN_COVERAGE", "tissue_mask", "square_coverage",
            "spot_tissue_coverage", "add_tissue_coverage", "filter_by_coverage"]
 
 # TODO(keys.py): belongs next to TILE_BORDER_FRAC in data_pipelines/keys.py (not owned here).
-TISSUE_COVERAGE = "tissue_coverage"  # obs: fraction (0..1) of a spot's tile square that is tissue
+TISSUE_COVERAGE = keys.TISSUE_COVERAGE  # obs: fraction (0..1) of a spot's tile square that is tissue
 DEFAULT_MIN_COVERAGE = 0.7
 
 Method = Literal["otsu", "grabcut"]
@@ -247,7 +247,7 @@ def spot_tissue_coverage(adata, *, tile_um: float | None = None, tile_px: int = 
     masks: dict[str, tuple] = {}  # samples cut from one image share its mask
     for lib, rows in _sample_rows(adata, list(geo["samples"])).items():
         g = geo["samples"][lib]
-        path = _image_path(adata, lib)
+        path = sample_image_path(adata, lib)
         if path not in masks:
             img, (rx, ry), full = _load_lowres(path, max_side)
             mask, _ = tissue_mask(img, method=method, max_side=max_side, what=f"sample {lib} image {path}")

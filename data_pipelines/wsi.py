@@ -173,7 +173,7 @@ def grid_adata(slide: Slide, centres: np.ndarray, coverage: np.ndarray, crop_px:
     col = np.floor(centres[:, 0] / crop_px).astype(int)
     row = np.floor(centres[:, 1] / crop_px).astype(int)
     obs = pd.DataFrame({keys.SAMPLE: pd.Categorical([lib] * len(centres)), keys.ARRAY_ROW: row,
-                        keys.ARRAY_COL: col, "tissue_coverage": coverage},
+                        keys.ARRAY_COL: col, keys.TISSUE_COVERAGE: coverage},
                        index=[f"{lib}_{r}x{c}" for r, c in zip(row, col)])
     a = ad.AnnData(obs=obs)
     a.obsm[keys.SPATIAL] = centres.astype(np.float64)

@@ -59,7 +59,8 @@ def cmd_train(a) -> None:
                   strategy=a.ensemble_strategy, tile_um=a.tile_um, tile_px=a.tile_px,
                   val_samples=_csv(a.val_samples) if a.val_samples else None,
                   config=_train_config(a), dropout=a.dropout, seed=a.seed, progress=not a.quiet,
-                  overwrite=a.overwrite, stain=a.stain, stain_template=a.stain_template)
+                  overwrite=a.overwrite, stain=a.stain, stain_template=a.stain_template,
+                  min_coverage=a.min_coverage)
     print(f"trained {model.config['members']} member(s) on {', '.join(model.config['training_samples'])} "
           f"({len(model.genes)} genes, features {model.config['backbone']}, {model.config['strategy']} strategy) "
           f"-> {Path(a.workdir) / 'model'}")
@@ -242,6 +243,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--stain", default="none", choices=["none", *STAIN_METHODS],
                    help="stain-normalise every tile towards a template (stored with the model, reused "
                    "at prediction); default none")
+    t.add_argument("--min-coverage", type=float, default=0.7,
+                   help="leave out spots whose tile is less than this fraction tissue (0 keeps all)")
     t.add_argument("--stain-template", help="template H&E image for --stain (default: a low-resolution view "
                    "of the first training sample's image)")
     t.add_argument("--ensemble-strategy", default="auto", choices=["auto", "vmap", "loop"],

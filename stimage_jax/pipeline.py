@@ -28,6 +28,7 @@ from data_pipelines.errors import StimageError
 from data_pipelines.io import atomic_path
 from data_pipelines.slides import read_h5ad
 from data_pipelines.stain_normalisation import fit_stain
+from data_pipelines.tissue import DEFAULT_MIN_COVERAGE, filter_by_coverage
 from data_pipelines.tiles import load_image, lowres_view, sample_image_path, spot_tiles, stain_tag, tile_geometry
 from export.prediction import build_prediction
 from stimage_jax import __version__
@@ -142,7 +143,8 @@ def train(data, workdir: str | os.PathLike, *, genes: str = "markers",
           config: TrainConfig = TrainConfig(), head_hidden: int = 0, dropout: float = 0.0,
           seed: int = 0, strategy: str = "auto", feature_batch_size: int = 32, progress: bool = True,
           overwrite: bool = False, cache_dir: str | os.PathLike | None = None,
-          stain: str | None = None, stain_template: str | os.PathLike | None = None) -> EnsembleModel:
+          stain: str | None = None, stain_template: str | os.PathLike | None = None,
+          min_coverage: float = DEFAULT_MIN_COVERAGE) -> EnsembleModel:
     """Train an ensemble of NB models; return it (also saved in ``workdir/model``).
 
     data: .h5ad paths or AnnData objects (one or more samples each). ``members`` models
@@ -155,6 +157,8 @@ def train(data, workdir: str | os.PathLike, *, genes: str = "markers",
     ``stain``: vahadane|macenko|reinhard normalises every tile towards a template — the
     image ``stain_template``, or a low-resolution view of the first training sample's
     image; the fitted reference is stored with the model and reused at prediction.
+    Spots whose tile is less than ``min_coverage`` tissue are left out of training (counted
+    in ``uns["stimage"]["dropped"]``, coverage in ``obs["tissue_coverage"]``).
     """
     if members < 1:
         raise StimageError(f"--members must be >= 1 (got {members})")
@@ -179,6 +183,15 @@ def train(data, workdir: str | os.PathLike, *, genes: str = "markers",
         s["weights_fingerprint"] = weights_fingerprint(s.get("weights")) if s["kind"] == "backbone" else None
     geometry = ({"tile_um": _tile_um(adatas, tile_um), "tile_px": int(tile_px)} if backbone_sources
                 else {"tile_um": None, "tile_px": None})
+    low_coverage = {s: 0 for s in sample_ids}
+    if backbone_sources and min_coverage > 0:
+        # Tile QC: a tile that is mostly glass says little about its spot's expression.
+        kept = [filter_by_coverage(a, min_coverage, tile_um=geometry["tile_um"], tile_px=geometry["tile_px"])
+                for a in adatas]
+        for name, per_sample in emb_feats.items():
+            emb_feats[name] = [f[a.obs_names.get_indexer(k.obs_names)] for f, a, k in zip(per_sample, adatas, kept)]
+        low_coverage = {s: a.n_obs - k.n_obs for s, a, k in zip(sample_ids, adatas, kept)}
+        adatas = kept
     stain_ref = None
     if stain not in (None, "none"):
         if not backbone_sources:
@@ -193,7 +206,7 @@ def train(data, workdir: str | os.PathLike, *, genes: str = "markers",
                "sources": [{k: v for k, v in s.items() if k != "weights"} for s in sources],
                "members": members, "fine_tune": fine_tune, "val_samples": list(val_samples),
                "train": dataclasses.asdict(config), "head": {"hidden": head_hidden, "dropout": dropout},
-               "seed": seed, **geometry}
+               "seed": seed, "min_coverage": min_coverage if backbone_sources else None, **geometry}
 
     req_file = workdir / "request.json"
     if req_file.exists():
@@ -241,7 +254,8 @@ def train(data, workdir: str | os.PathLike, *, genes: str = "markers",
            "stain": None if stain_ref is None else stain_ref.to_dict(),
            "head": {"hidden": head_hidden, "dropout": dropout},
            "tile_um": geometry["tile_um"], "tile_px": geometry["tile_px"], "train": dataclasses.asdict(config),
-           "seed": seed, "strategy": resolved, "training_samples": [s for s, v in zip(sample_ids, is_val) if not v],
+           "seed": seed, "min_coverage": request["min_coverage"],
+           "dropped_low_coverage": low_coverage, "strategy": resolved, "training_samples": [s for s, v in zip(sample_ids, is_val) if not v],
            "validation_samples": list(val_samples), "nb_parameterisation": "mean-dispersion (log link): var = mu + mu^2/r"}
     if len(backbone_sources) == 1 and len(sources) == 1:
         cfg["num_features"] = sources[0]["num_features"]  # what ONNX consumers of /1 models read

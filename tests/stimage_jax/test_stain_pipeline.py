@@ -86,3 +86,19 @@ def test_stain_bad_input(her2st_small, tmp_path, capsys):
         assert main(base + extra) == 2
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and message in err[0], err
+
+
+def test_training_leaves_out_low_coverage_tiles(her2st_small, tmp_path):
+    from data_pipelines.tissue import spot_tissue_coverage
+
+    wd = tmp_path / "cov"
+    assert main(["train", "--quiet", "--data", str(her2st_small[0]), str(her2st_small[1]), "--genes", "CD74",
+                 "--backbone", "tiny", "--tile-px", "32", "--max-epochs", "1", "--workdir", str(wd)]) == 0
+    cfg = EnsembleModel.load(wd).config
+    expected = {}
+    for p, s in zip(her2st_small[:2], ("C2", "C3")):
+        a = ad.read_h5ad(p)
+        cov = spot_tissue_coverage(a, tile_um=cfg["tile_um"], tile_px=32)
+        expected[s] = int((cov < 0.7).sum())
+    assert cfg["min_coverage"] == 0.7 and cfg["dropped_low_coverage"] == expected
+    assert 0 < expected["C2"] < 0.15 * 187  # a few edge spots, never most of the section
