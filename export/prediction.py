@@ -74,10 +74,15 @@ def predict_slide(slide, params_fn, genes, provenance: dict, *, tile_um: float, 
         from data_pipelines.stain_normalisation import apply_stain, fit_source
 
         source = fit_source(stain.method, slide.thumbnail()[0])
-    batches = iter_grid_tiles(slide, centres, crop_px, tile_px, batch_size)
-    for _, tiles in tqdm(batches, total=-(-len(centres) // batch_size), desc="slide", disable=not progress):
-        if stain is not None:
-            tiles = apply_stain(stain, source, tiles)
+    from data_pipelines.prefetch import prefetch
+
+    def batches():
+        for _, tiles in iter_grid_tiles(slide, centres, crop_px, tile_px, batch_size):
+            yield tiles if stain is None else apply_stain(stain, source, tiles)
+
+    # Reading and normalising the next batch overlaps the model's forward pass.
+    for tiles in tqdm(prefetch(batches()), total=-(-len(centres) // batch_size), desc="slide",
+                      disable=not progress):
         mu, r = params_fn(tiles)
         mus.append(np.asarray(mu))
         rs.append(np.asarray(r))
