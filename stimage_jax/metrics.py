@@ -14,8 +14,8 @@ from scipy.stats import rankdata
 from data_pipelines import keys
 from data_pipelines.errors import StimageError
 
-__all__ = ["pearson_per_gene", "spearman_per_gene", "evaluate", "summarise", "calibration_table",
-           "prediction_level"]
+__all__ = ["pearson_per_gene", "spearman_per_gene", "high_low_scores", "top_genes", "evaluate", "summarise",
+           "calibration_table", "prediction_level"]
 
 DEFAULT_LEVEL = 0.8  # build_prediction's default interval
 
@@ -37,6 +37,35 @@ def pearson_per_gene(pred: np.ndarray, truth: np.ndarray) -> np.ndarray:
 def spearman_per_gene(pred: np.ndarray, truth: np.ndarray) -> np.ndarray:
     """Spearman rho per gene: Pearson of average ranks (ties share their mean rank)."""
     return pearson_per_gene(rankdata(pred, axis=0), rankdata(truth, axis=0))
+
+
+def high_low_scores(pred: np.ndarray, truth: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The paper's high/low task per gene: high = per-sample z-score > 0 (i.e. above the
+    sample's mean). pred, truth (N, G) → (AUC of the prediction ranking high spots first,
+    F1 of "predicted above its mean" vs "observed above its mean"); NaN where the truth has
+    one class only. AUC by the Mann-Whitney rank formula (ties get half credit), equal to
+    ``sklearn.metrics.roc_auc_score``.
+    """
+    p = np.asarray(pred, np.float64)
+    t = np.asarray(truth, np.float64)
+    y = t > t.mean(0)
+    n_pos, n_neg = y.sum(0), (~y).sum(0)
+    ranks = rankdata(p, axis=0)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        auc = ((ranks * y).sum(0) - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg)
+        yhat = p > p.mean(0)
+        tp = (yhat & y).sum(0)
+        f1 = 2 * tp / (yhat.sum(0) + n_pos)
+    valid = (n_pos > 0) & (n_neg > 0)
+    return np.where(valid, auc, np.nan), np.where(valid, f1, np.nan)
+
+
+def top_genes(table: pd.DataFrame, n: int = 10, by: str = "pcc") -> pd.DataFrame:
+    """The ``n`` most predictable genes: mean of ``by`` over samples, best first."""
+    agg = table.groupby("gene")[by].agg(["mean", "min", "count"]).rename(columns={"mean": f"mean_{by}",
+                                                                                    "min": f"min_{by}",
+                                                                                    "count": "samples"})
+    return agg.sort_values(f"mean_{by}", ascending=False).head(n).reset_index()
 
 
 def _dense(x):
@@ -81,7 +110,8 @@ def evaluate(pred, truth) -> tuple[pd.DataFrame, list[str]]:
     """Score predicted means against observed counts, per sample and gene.
 
     Spots are matched by ``obs_names``; genes by name. Returns (table, genes missing from
-    the truth). Table columns: sample, gene, n_spots, pcc, spearman, note, and — when the
+    the truth). Table columns: sample, gene, n_spots, pcc, spearman, note, ``auc`` and
+    ``f1`` of the high/low call (:func:`high_low_scores`), and — when the
     prediction carries them — ``coverage`` (fraction of observed counts inside
     [q_lo, q_hi]) and ``nll`` (mean negative log-likelihood of the counts under the
     members' NB mixture); with the members' NB parameters and integer counts, ``crps``
@@ -114,7 +144,9 @@ def evaluate(pred, truth) -> tuple[pd.DataFrame, list[str]]:
         pcc, rho = pearson_per_gene(P, T), spearman_per_gene(P, T)
         const_t, const_p = T.std(0) == 0, P.std(0) == 0
         note = np.where(const_t, "constant in truth", np.where(const_p, "constant prediction", ""))
-        row = {"sample": s, "gene": genes, "n_spots": int(m.sum()), "pcc": pcc, "spearman": rho, "note": note}
+        auc, f1 = high_low_scores(P, T)
+        row = {"sample": s, "gene": genes, "n_spots": int(m.sum()), "pcc": pcc, "spearman": rho, "note": note,
+               "auc": auc, "f1": f1}
         if keys.Q_LO in p_all.layers and keys.Q_HI in p_all.layers:
             lo, hi = _dense(p_all.layers[keys.Q_LO][m]), _dense(p_all.layers[keys.Q_HI][m])
             row["coverage"] = ((T >= lo) & (T <= hi)).mean(0)
@@ -188,7 +220,7 @@ def summarise(table: pd.DataFrame) -> dict:
     mean of each uncertainty and spatial column present (NaN rows skipped)."""
     pcc = table["pcc"]
     extra = {k: _nanmean(table[k]) for k in ("coverage", "nll", "crps", "pit_coverage", "ause_epistemic",
-                                             "ause_total", "moran_bv", "iou") if k in table}
+                                             "ause_total", "moran_bv", "iou", "auc", "f1") if k in table}
     return {**extra, "rows": int(len(table)), "mean_pcc": float(np.nanmean(pcc)) if pcc.notna().any() else float("nan"),
             "median_pcc": float(np.nanmedian(pcc)) if pcc.notna().any() else float("nan"),
             "mean_spearman": float(np.nanmean(table["spearman"])) if table["spearman"].notna().any() else float("nan"),

@@ -30,6 +30,8 @@ from flax import nnx
 
 from data_pipelines.io import write_h5ad
 from data_pipelines.slides import read_h5ad, read_her2st
+from data_pipelines.stain_normalisation import fit_stain
+from data_pipelines.tiles import load_image, lowres_view, sample_image_path, stain_tag
 from export.moments import mixture_logpmf, predictive_interval
 from stimage_jax.ensemble.model import STimageNet
 from stimage_jax.ensemble.stacked import create_members, fit_ensemble
@@ -115,10 +117,11 @@ def main() -> None:
     ap.add_argument("--lr", type=float, default=1e-4)
     ap.add_argument("--max-epochs", type=int, default=200)
     ap.add_argument("--skip-throughput", action="store_true")
+    ap.add_argument("--stain", default="none", help="stain normalisation for the LOSO folds (template: C2)")
     args = ap.parse_args()
     wd = Path(args.workdir)
     out: dict = {"benchmark": "ensemble", "backend": jax.default_backend(), "devices": len(jax.devices()),
-                 "genes": args.genes, "members": args.members}
+                 "genes": args.genes, "members": args.members, "stain": args.stain}
 
     if not args.skip_throughput:
         tp = [throughput(kind, e, s) for kind in ("heads", "fine_tune") for e in (1, 10) for s in ("vmap", "loop")]
@@ -138,15 +141,21 @@ def main() -> None:
     weights = DEFAULT_WEIGHTS["efficientnet_lite0"]
     bb = create_backbone("efficientnet_lite0", rngs=nnx.Rngs(0), weights=weights)
     geometry = {"backbone": "efficientnet_lite0", "tile_um": 100.0, "tile_px": 299}
+    template = sample_image_path(adatas["C2"], "C2")
+    ref = None if args.stain == "none" else fit_stain(args.stain, lowres_view(load_image(template)))
     feats = dict(zip(SECTIONS, sample_features(bb, [adatas[s] for s in SECTIONS], geometry,
-                                               weights_fingerprint(weights), wd / "cache", progress=False)))
+                                               weights_fingerprint(weights), wd / "cache", progress=False,
+                                               stain=ref)))
     folds = []
     for test in SECTIONS:
         tr = [s for s in SECTIONS if s != test]
         t0 = time.perf_counter()
-        model = train([adatas[s] for s in tr], wd / f"fold_{test}", genes=args.genes, members=args.members,
-                      backbone="efficientnet_lite0", config=TrainConfig(lr=args.lr, max_epochs=args.max_epochs),
-                      cache_dir=wd / "cache", progress=False, strategy="auto")
+        model = train([adatas[s] for s in tr], wd / f"fold_{test}_{args.stain}", genes=args.genes,
+                      members=args.members, backbone="efficientnet_lite0",
+                      config=TrainConfig(lr=args.lr, max_epochs=args.max_epochs), cache_dir=wd / "cache",
+                      progress=False, strategy="auto", min_coverage=0.0,
+                      stain=None if args.stain == "none" else args.stain, stain_template=template)
+        assert stain_tag(model.stain) == stain_tag(ref), "the fold's stain reference differs from the features'"
         truth = counts_matrix(adatas[test], model.genes).astype(np.float64)
         mu, r = (np.asarray(a, np.float64) for a in model.member_params(None, features=feats[test], progress=False))
         member_pcc = np.array([np.nanmean(pearson_per_gene(m, truth)) for m in mu])

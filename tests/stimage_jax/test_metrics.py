@@ -133,3 +133,30 @@ def test_calibration_table_pools_spots_and_genes(rng):
     del pred.obsm["nb_member_mu"]
     with pytest.raises(StimageError, match="members' NB parameters"):
         calibration_table(pred, truth)
+
+
+def test_high_low_auc_and_f1_match_sklearn(rng):
+    from sklearn.metrics import f1_score, roc_auc_score
+
+    from stimage_jax.metrics import high_low_scores
+
+    truth = rng.poisson(3.0, size=(80, 4)).astype(float)
+    pred = truth + rng.normal(0, 2.0, size=truth.shape)
+    pred[:, 3] = np.round(pred[:, 3])  # ties in the prediction
+    truth[:, 2] = 5.0  # one class only → NaN
+    auc, f1 = high_low_scores(pred, truth)
+    for g in (0, 1, 3):
+        y = truth[:, g] > truth[:, g].mean()
+        assert auc[g] == pytest.approx(roc_auc_score(y, pred[:, g]), abs=1e-12)
+        assert f1[g] == pytest.approx(f1_score(y, pred[:, g] > pred[:, g].mean()), abs=1e-12)
+    assert np.isnan(auc[2]) and np.isnan(f1[2])
+
+
+def test_top_genes_ranks_by_mean_over_samples():
+    import pandas as pd
+
+    from stimage_jax.metrics import top_genes
+
+    t = pd.DataFrame({"sample": ["a", "a", "b", "b"], "gene": ["X", "Y", "X", "Y"], "pcc": [0.1, 0.5, 0.3, 0.2]})
+    top = top_genes(t, n=1)
+    assert list(top["gene"]) == ["Y"] and top["mean_pcc"].iloc[0] == pytest.approx(0.35)
