@@ -175,6 +175,26 @@ def cmd_evaluate(a) -> None:
               calibration=a.plot_calibration)
 
 
+def cmd_benchmark(a) -> None:
+    from stimage_jax.ensemble.train import TrainConfig
+    from stimage_jax.loso import run_loso
+    from stimage_jax.metrics import summarise
+
+    if a.protocol != "loso":
+        raise StimageError(f"unknown protocol {a.protocol!r}; only 'loso' (leave one sample out) exists")
+    data = a.data[0] if len(a.data) == 1 and Path(a.data[0]).is_dir() else a.data
+    table = run_loso(data, a.workdir, methods=_csv(a.methods), genes=a.genes, backbone=a.backbone,
+                     members=a.members, config=TrainConfig(lr=a.lr, max_epochs=a.max_epochs, patience=a.patience),
+                     tile_um=a.tile_um, tile_px=a.tile_px, seed=a.seed, min_coverage=a.min_coverage,
+                     samples=_csv(a.samples) if a.samples else None, progress=not a.quiet)
+    for m, t in table.groupby("method", sort=False):
+        s = summarise(t)
+        print(f"{m}: mean PCC {s['mean_pcc']:.3f} over {t['fold'].nunique()} held-out sample(s), "
+              f"{s['n_pcc_positive']}/{s['rows']} gene rows with PCC > 0")
+    wd = Path(a.workdir)
+    print(f"-> {wd / 'metrics.csv'}, {wd / 'summary.md'}, {wd / 'boxplot.png'}")
+
+
 def cmd_quickstart(a) -> None:
     """The README's main job: HER2ST C2–C6, train on four sections, predict the fifth."""
     from data_pipelines.io import write_h5ad
@@ -301,6 +321,25 @@ def build_parser() -> argparse.ArgumentParser:
                         "0.1-0.95; needs the members' NB parameters (stimage predict --data keeps them)")
     e.add_argument("--overwrite", action="store_true")
     e.set_defaults(func=cmd_evaluate)
+
+    b = sub.add_parser("benchmark", parents=[common],
+                       help="leave-one-sample-out: STimage (ensemble, single), ridge and MSE on the same folds")
+    b.add_argument("--data", nargs="+", required=True, help=".h5ad files, or one folder of them")
+    b.add_argument("--protocol", default="loso")
+    b.add_argument("--methods", default="stimage,stimage_single,ridge,mse")
+    b.add_argument("--samples", help="hold out only these samples (default: each in turn)")
+    b.add_argument("--workdir", required=True)
+    b.add_argument("--genes", default="top-hvg:50", help="chosen per fold on its training samples")
+    b.add_argument("--backbone", default="efficientnet_lite0")
+    b.add_argument("--members", type=int, default=5)
+    b.add_argument("--tile-um", type=float)
+    b.add_argument("--tile-px", type=int, default=299)
+    b.add_argument("--lr", type=float, default=1e-4)
+    b.add_argument("--max-epochs", type=int, default=200)
+    b.add_argument("--patience", type=int, default=10)
+    b.add_argument("--min-coverage", type=float, default=0.7)
+    b.add_argument("--seed", type=int, default=0)
+    b.set_defaults(func=cmd_benchmark)
 
     q = sub.add_parser("quickstart", parents=[common], help="the main job on the shipped HER2ST data")
     q.add_argument("--shared", default=str(shared_dir()), help="the shared/ data folder")

@@ -1,0 +1,198 @@
+"""Leave-one-sample-out benchmark: every method on identical features, folds and genes.
+
+For each held-out sample, train on the others (early stopping on the last of them, a
+whole sample — never spots of a training sample), predict the held-out one and score it
+with :func:`stimage_jax.metrics.evaluate` (per gene, per sample: never pooled). Methods:
+
+- ``stimage``: the NB ensemble (``members`` seeds), mean of NB means;
+- ``stimage_single``: member 0 of that ensemble alone (a single NB model, same seed 0);
+- ``ridge``: HEST-Benchmark ridge on the same frozen features (:mod:`stimage_jax.baselines`);
+- ``mse``: a one-member MSE head on log1p counts (ST-Net-style point prediction).
+
+Outputs under ``workdir``: ``folds/<sample>/<method>.csv`` (one row per gene; a fold's
+files are written when it finishes, so a rerun resumes at the first missing one),
+``metrics.csv`` (all folds and methods), ``summary.md`` (a Markdown table) and
+``boxplot.png`` (per-gene PCC per method and fold, as the paper's Fig. 2e).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+from pathlib import Path
+
+import anndata as ad
+import numpy as np
+import pandas as pd
+
+from data_pipelines.errors import StimageError
+from data_pipelines.io import atomic_path
+from stimage_jax.ensemble.train import TrainConfig
+
+__all__ = ["METHODS", "run_loso", "summary_markdown", "plot_boxplots"]
+
+METHODS = ("stimage", "stimage_single", "ridge", "mse")
+log = logging.getLogger("stimage")
+
+
+def _point_prediction(truth: ad.AnnData, mean: np.ndarray, genes, method: str) -> ad.AnnData:
+    from export.prediction import build_prediction
+
+    mu = np.asarray(mean, np.float32)[None]
+    return build_prediction(truth, mu, np.full_like(mu, np.inf), genes, {"method": method}, keep_members=False)
+
+
+def _fold(adatas: dict, test: str, wd: Path, methods, *, genes, backbone, members, config, tile_um, tile_px,
+          seed, progress, cache) -> dict[str, pd.DataFrame]:
+    from export.prediction import build_prediction
+    from stimage_jax.baselines import apply_ridge, fit_ridge
+    from stimage_jax.metrics import evaluate
+    from stimage_jax.pipeline import counts_matrix, predict, train
+
+    train_ads = [a for s, a in adatas.items() if s != test]
+    truth = adatas[test]
+    common = dict(genes=genes, backbone=backbone, tile_um=tile_um, tile_px=tile_px, seed=seed, progress=progress,
+                  cache_dir=cache, min_coverage=0.0)  # tile QC was applied to every sample up front
+    out = {}
+    need_nb = {"stimage", "stimage_single", "ridge"} & set(methods)
+    if need_nb:
+        model = train(train_ads, wd / "stimage", members=members, config=config, **common)
+        from stimage_jax.pipeline import sample_features
+
+        src = model.sources[0]
+        geometry = {"backbone": src["backbone"], "tile_um": model.config["tile_um"], "tile_px": model.config["tile_px"]}
+        f_test = sample_features(model.backbones[src["name"]], [truth], geometry, src["weights_fingerprint"],
+                                 cache, progress=progress, stain=model.stain)[0]
+        mu, r = model.member_params(None, features=f_test, progress=False)
+        if "stimage" in methods:
+            pred = predict(truth, model, features=f_test, progress=False)
+            out["stimage"] = evaluate(pred, truth)[0]
+        if "stimage_single" in methods:
+            single = build_prediction(truth, mu[:1], r[:1], model.genes, {"method": "stimage_single"})
+            out["stimage_single"] = evaluate(single, truth)[0]
+        if "ridge" in methods:
+            # Same spots, genes and features as the NB model (ridge has no early stopping, so
+            # it also fits the validation sample).
+            tr = train_ads
+            f_tr = sample_features(model.backbones[src["name"]], tr, geometry, src["weights_fingerprint"], cache,
+                                   progress=progress, stain=model.stain)
+            ref = fit_ridge(np.concatenate(f_tr), np.concatenate([counts_matrix(a, model.genes) for a in tr]),
+                            model.genes, seed=seed)
+            out["ridge"] = evaluate(_point_prediction(truth, apply_ridge(ref, f_test), model.genes, "ridge"), truth)[0]
+    if "mse" in methods:
+        mse_cfg = dataclasses.replace(config, loss="mse_log1p")
+        m2 = train(train_ads, wd / "mse", members=1, config=mse_cfg, **common)
+        out["mse"] = evaluate(predict(truth, m2, progress=False), truth)[0]
+    return out
+
+
+def run_loso(data, workdir: str | os.PathLike, *, methods=METHODS, genes: str = "top-hvg:50",
+             backbone: str = "efficientnet_lite0", members: int = 5, config: TrainConfig = TrainConfig(),
+             tile_um: float | None = None, tile_px: int = 299, seed: int = 0, min_coverage: float = 0.7,
+             samples: list[str] | None = None, progress: bool = True) -> pd.DataFrame:
+    """Run every fold (resuming finished ones) → the table of all folds and methods.
+
+    data: .h5ad paths, a folder of them, or AnnData objects; samples are split by
+    ``obs["sample"]``. ``samples``: hold out only these (default: each in turn). Genes
+    are chosen per fold on its training samples (``genes`` as for ``stimage train``).
+    Spots whose tile is under ``min_coverage`` tissue are dropped from every sample first.
+    """
+    from stimage_jax.pipeline import _load, _sample_id, split_samples
+
+    bad = [m for m in methods if m not in METHODS]
+    if bad or not methods:
+        raise StimageError(f"unknown method(s) {', '.join(bad) or '(none)'}; choose from {', '.join(METHODS)}")
+    if isinstance(data, (str, os.PathLike)) and Path(data).is_dir():
+        data = sorted(Path(data).glob("*.h5ad"))
+        if not data:
+            raise StimageError("no .h5ad files in the --data folder")
+    adatas = {_sample_id(a): a for a in split_samples(_load(list(data) if not isinstance(data, ad.AnnData)
+                                                             else [data]))}
+    if len(adatas) < 3:
+        raise StimageError(f"leave-one-sample-out needs at least 3 samples (2 to train and validate), got "
+                           f"{len(adatas)}: {', '.join(adatas)}")
+    if min_coverage > 0:
+        # Tile QC once, for training and held-out samples alike: every method scores the
+        # same spots (STimage drops tiles under 70 % tissue before anything else).
+        from data_pipelines.tissue import filter_by_coverage
+
+        adatas = {s: filter_by_coverage(a, min_coverage, tile_um=tile_um, tile_px=tile_px) for s, a in adatas.items()}
+    held = list(adatas) if samples is None else list(samples)
+    unknown = [s for s in held if s not in adatas]
+    if unknown:
+        raise StimageError(f"sample(s) {', '.join(unknown)} not in the data ({', '.join(adatas)})")
+    wd = Path(workdir).absolute()
+    cache = wd / "cache"
+    tables = []
+    for i, test in enumerate(held):
+        fold_dir = wd / "folds" / test
+        files = {m: fold_dir / f"{m}.csv" for m in methods}
+        if not all(f.exists() for f in files.values()):
+            log.info("fold %d/%d: holding out %s", i + 1, len(held), test)
+            got = _fold(adatas, test, fold_dir, methods, genes=genes, backbone=backbone, members=members,
+                        config=config, tile_um=tile_um, tile_px=tile_px, seed=seed, progress=progress, cache=cache)
+            for m, t in got.items():
+                with atomic_path(files[m]) as tmp:
+                    t.to_csv(tmp, index=False)
+        for m, f in files.items():
+            t = pd.read_csv(f)
+            t.insert(0, "method", m)
+            t.insert(1, "fold", test)
+            tables.append(t)
+    table = pd.concat(tables, ignore_index=True)
+    with atomic_path(wd / "metrics.csv") as tmp:
+        table.to_csv(tmp, index=False)
+    with atomic_path(wd / "summary.md") as tmp:
+        tmp.write_text(summary_markdown(table))
+    plot_boxplots(table, wd / "boxplot.png")
+    return table
+
+
+def summary_markdown(table: pd.DataFrame) -> str:
+    """Per-method means over folds and genes, and per-fold mean PCC, as Markdown tables."""
+    cols = [c for c in ("pcc", "spearman", "auc", "moran_bv", "iou", "nll", "pit_coverage") if c in table]
+    agg = table.groupby("method", sort=False)[cols].mean()
+    pos = table.groupby("method", sort=False)["pcc"].apply(lambda p: f"{int((p > 0).sum())}/{int(p.notna().sum())}")
+    lines = ["| method | " + " | ".join(f"mean {c}" for c in cols) + " | genes with PCC > 0 |",
+             "| --- |" + " --- |" * (len(cols) + 1)]
+    for m, row in agg.iterrows():
+        vals = " | ".join("" if pd.isna(v) else f"{v:.3f}" for v in row)
+        lines.append(f"| {m} | {vals} | {pos[m]} |")
+    folds = table.pivot_table(index="fold", columns="method", values="pcc", aggfunc="mean", sort=False)
+    lines += ["", "Mean PCC per held-out sample (per gene within the sample, then averaged):", "",
+              "| held out | " + " | ".join(folds.columns) + " |", "| --- |" + " --- |" * len(folds.columns)]
+    for f, row in folds.iterrows():
+        lines.append(f"| {f} | " + " | ".join(f"{v:.3f}" for v in row) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def plot_boxplots(table: pd.DataFrame, path: str | os.PathLike) -> Path:
+    """Per-gene PCC, one box per method within each held-out sample (PNG)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    folds = list(pd.unique(table["fold"]))
+    methods = list(pd.unique(table["method"]))
+    fig, ax = plt.subplots(figsize=(max(6.0, 1.2 * len(folds) * len(methods) / 2), 4.0))
+    width = 0.8 / len(methods)
+    colours = plt.get_cmap("tab10")
+    for j, m in enumerate(methods):
+        data = [table[(table["fold"] == f) & (table["method"] == m)]["pcc"].dropna().to_numpy() for f in folds]
+        pos = np.arange(len(folds)) + (j - (len(methods) - 1) / 2) * width
+        bp = ax.boxplot(data, positions=pos, widths=width * 0.9, patch_artist=True, showfliers=False)
+        for b in bp["boxes"]:
+            b.set_facecolor(colours(j))
+        ax.plot([], [], color=colours(j), lw=8, label=m)
+    ax.axhline(0, color="grey", lw=0.8)
+    ax.set_xticks(np.arange(len(folds)), folds)
+    ax.set_xlabel("held-out sample")
+    ax.set_ylabel("PCC per gene")
+    ax.legend(frameon=False, fontsize=8)
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=120, format="png")
+    plt.close(fig)
+    return Path(path)
