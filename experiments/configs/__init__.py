@@ -1,0 +1,1 @@
+"""Experiment configs: plain Python dicts, run by ``experiments/run.py``."""
