@@ -1,10 +1,17 @@
 """H&E-only slides (no spatial transcriptomics): open, find tissue, grid-tile, stream.
 
-Pyramidal/tiled TIFF (incl. Aperio SVS, which is TIFF) is read lazily through tifffile's
-zarr store, so only the tiles a batch needs are decoded and memory stays flat as slides
-grow. Plain JPEG/PNG images are decoded whole (they fit in memory by construction).
-µm per pixel comes from the slide (SVS ``MPP =``, or TIFF resolution tags) or ``mpp=``.
-OpenSlide-only formats (NDPI, MRXS) are issue 3's OpenSlide backend.
+Two lazy readers, so only the tiles a batch needs are decoded and memory stays flat as
+slides grow:
+
+* OpenSlide (``pip install 'stimage-jax[wsi]'``): NDPI, MRXS, SCN, VMS/VMU, BIF, and
+  SVS/TIFF it recognises (it decodes the JPEG/JPEG 2000 tiles of real SVS files);
+* tifffile + zarr: pyramidal/tiled TIFF incl. SVS, also when OpenSlide is not installed,
+  and TIFFs whose pyramid sits in SubIFDs (OpenSlide's generic-tiff driver ignores those).
+
+Plain JPEG/PNG images are decoded whole (they fit in memory by construction).
+µm per pixel comes from the slide (OpenSlide ``openslide.mpp-x/y``; SVS ``MPP =`` or TIFF
+resolution tags for tifffile) or ``mpp=``. Outside the slide, and where OpenSlide reports
+no data (transparent), regions are white.
 """
 
 from __future__ import annotations
@@ -21,9 +28,14 @@ from data_pipelines import keys
 from data_pipelines.errors import StimageError
 from data_pipelines.tiles import PAD_VALUE, load_image
 
-__all__ = ["Slide", "open_slide", "tissue_mask", "slide_grid", "iter_grid_tiles", "grid_adata"]
+__all__ = ["Slide", "open_slide", "tissue_mask", "slide_grid", "iter_grid_tiles", "grid_adata", "BACKENDS"]
 
 _TIFF = (".tif", ".tiff", ".svs")
+_OPENSLIDE_ONLY = (".ndpi", ".mrxs", ".scn", ".vms", ".vmu", ".bif")
+_PLAIN = (".jpg", ".jpeg", ".png")  # decoded whole by OpenCV, whatever the backend
+BACKENDS = ("auto", "openslide", "tifffile")
+_WSI_EXTRA = "pip install 'stimage-jax[wsi]'"
+_THUMB_STRIP_PX = 4096 * 4096  # larger thumbnail levels are read and shrunk in strips
 
 
 @dataclasses.dataclass
@@ -34,25 +46,107 @@ class Slide:
     width: int
     height: int
     mpp: float
-    _level0: object            # array-like (H, W, C) with lazy slicing
-    _thumb_source: object      # smallest pyramid level (or the image itself)
+    _reader: object = dataclasses.field(repr=False)  # _TiffReader | _OpenSlideReader | _ArrayReader
+
+    @property
+    def backend(self) -> str:
+        """Which reader decodes the pixels: "openslide", "tifffile" or "image"."""
+        return self._reader.name
 
     def region(self, x0: int, y0: int, w: int, h: int) -> np.ndarray:
         """RGB uint8 (h, w, 3) at full resolution; outside the slide is white."""
         out = np.full((h, w, 3), PAD_VALUE, np.uint8)
         xa, ya, xb, yb = max(x0, 0), max(y0, 0), min(x0 + w, self.width), min(y0 + h, self.height)
         if xb > xa and yb > ya:
-            out[ya - y0:yb - y0, xa - x0:xb - x0] = np.asarray(self._level0[ya:yb, xa:xb])[..., :3]
+            out[ya - y0:yb - y0, xa - x0:xb - x0] = self._reader.read(xa, ya, xb - xa, yb - ya)
         return out
 
     def thumbnail(self, max_side: int = 2048) -> tuple[np.ndarray, float]:
         """(RGB image, scale = thumbnail px per full-resolution px)."""
-        src = np.asarray(self._thumb_source)[..., :3]
+        src = self._reader.thumbnail_source(max_side)
         scale = min(1.0, max_side / max(src.shape[:2]))
         if scale < 1.0:
             src = cv2.resize(src, (max(1, round(src.shape[1] * scale)), max(1, round(src.shape[0] * scale))),
                              interpolation=cv2.INTER_AREA)
         return src, src.shape[1] / self.width
+
+
+class _ArrayReader:
+    """A whole decoded image (JPEG/PNG)."""
+
+    name = "image"
+
+    def __init__(self, img: np.ndarray):
+        self.img = img
+
+    def read(self, x, y, w, h):
+        return self.img[y:y + h, x:x + w, :3]
+
+    def thumbnail_source(self, max_side):
+        return self.img[..., :3]
+
+
+class _TiffReader:
+    """tifffile's zarr store of level 0; the thumbnail comes from the smallest pyramid level."""
+
+    name = "tifffile"
+
+    def __init__(self, level0, series):
+        self.level0, self.series = level0, series
+
+    def read(self, x, y, w, h):
+        return np.asarray(self.level0[y:y + h, x:x + w])[..., :3]
+
+    def thumbnail_source(self, max_side):
+        levels = self.series.levels
+        return np.asarray(levels[-1].asarray() if len(levels) > 1 else self.level0)[..., :3]
+
+
+def _rgba_on_white(rgba: np.ndarray) -> np.ndarray:
+    """RGBA (OpenSlide: transparent = no data) composited onto white → RGB uint8."""
+    rgb, a = rgba[..., :3], rgba[..., 3:]
+    if (a == 255).all():
+        return np.ascontiguousarray(rgb)
+    out = (rgb.astype(np.uint16) * a + PAD_VALUE * (255 - a.astype(np.uint16)) + 127) // 255
+    return out.astype(np.uint8)
+
+
+class _OpenSlideReader:
+    """An ``openslide.OpenSlide`` handle (thread-safe, so prefetch threads may share it)."""
+
+    name = "openslide"
+
+    def __init__(self, osr, path: Path, error: type):
+        self.osr, self.path, self.error = osr, path, error
+
+    def _read(self, loc, level, size):
+        try:
+            return _rgba_on_white(np.asarray(self.osr.read_region(loc, level, size)))
+        except self.error as e:
+            raise StimageError(f"slide {self.path} is unreadable or truncated ({type(e).__name__})") from None
+
+    def read(self, x, y, w, h):
+        return self._read((x, y), 0, (w, h))
+
+    def thumbnail_source(self, max_side):
+        """The level nearest above the thumbnail's size (huge ones shrunk strip by strip)."""
+        osr = self.osr
+        level = osr.get_best_level_for_downsample(max(1.0, max(osr.dimensions) / max_side))
+        lw, lh = osr.level_dimensions[level]
+        ds = osr.level_downsamples[level]
+        if lw * lh <= _THUMB_STRIP_PX:
+            return self._read((0, 0), level, (lw, lh))
+        scale = max_side / max(lw, lh)   # < 1 here: the level is far larger than max_side
+        tw, th = max(1, round(lw * scale)), max(1, round(lh * scale))
+        step = max(1, _THUMB_STRIP_PX // lw)
+        strips = []
+        for r0 in range(0, lh, step):
+            r1 = min(r0 + step, lh)
+            o0, o1 = round(r0 * scale), round(r1 * scale)
+            if o1 > o0:   # read_region takes level-0 coordinates for the location
+                strip = self._read((0, int(r0 * ds)), level, (lw, r1 - r0))
+                strips.append(cv2.resize(strip, (tw, o1 - o0), interpolation=cv2.INTER_AREA))
+        return np.concatenate(strips)[:th]
 
 
 def _tiff_mpp(page) -> float | None:
@@ -71,36 +165,114 @@ def _tiff_mpp(page) -> float | None:
     return None
 
 
-def open_slide(path: str | Path, *, mpp: float | None = None) -> Slide:
-    """Open a pyramidal TIFF/SVS lazily, or a JPEG/PNG fully; one clear error if unusable."""
+def _import_openslide(required: bool):
+    """The ``openslide`` module, or None (auto) / a StimageError naming the extra (required)."""
+    try:
+        import openslide
+
+        openslide.__library_version__  # noqa: B018  (the C library, from openslide-bin, loaded)
+        return openslide
+    except (ImportError, OSError, AttributeError) as e:
+        if required:
+            raise StimageError(f"backend 'openslide' needs OpenSlide ({type(e).__name__}: {e}); "
+                               f"{_WSI_EXTRA}".replace("\n", " ")) from None
+        return None
+
+
+def _open_tifffile(path: Path):
+    """(reader, width, height, mpp or None) through tifffile + zarr."""
+    import tifffile
+    import zarr
+
+    try:
+        tf = tifffile.TiffFile(path)
+        series = tf.series[0]
+        level0 = zarr.open(series.aszarr(level=0), mode="r")
+        found = _tiff_mpp(tf.pages[0])
+    except Exception as e:
+        raise StimageError(f"slide {path} is unreadable or truncated ({type(e).__name__})") from None
+    if level0.ndim != 3 or level0.shape[2] < 3:
+        raise StimageError(f"slide {path} is not an RGB image (shape {tuple(level0.shape)})")
+    h, w = level0.shape[:2]
+    return _TiffReader(level0, series), w, h, found
+
+
+def _openslide_mpp(osr, path: Path) -> float | None:
+    vals = [float(v) for k in ("openslide.mpp-x", "openslide.mpp-y")
+            if (v := osr.properties.get(k)) not in (None, "")]
+    if len(vals) == 2 and abs(vals[0] - vals[1]) > 0.01 * max(vals):
+        raise StimageError(f"slide {path} has non-square pixels (mpp-x {vals[0]}, mpp-y {vals[1]} µm); "
+                           "pass --mpp")
+    return vals[0] if vals else None
+
+
+def _open_openslide(openslide, path: Path, *, explicit_mpp: bool, fallback_levels: int | None = None):
+    """(reader, width, height, mpp or None) through OpenSlide; None when ``fallback_levels``
+    is given and tifffile sees more pyramid levels than OpenSlide's generic-tiff driver."""
+    try:
+        osr = openslide.OpenSlide(str(path))
+    except (openslide.OpenSlideError, OSError) as e:
+        raise StimageError(f"slide {path} is unreadable or truncated ({type(e).__name__})") from None
+    if (fallback_levels is not None and osr.properties.get("openslide.vendor") == "generic-tiff"
+            and osr.level_count < fallback_levels):
+        osr.close()
+        return None
+    w, h = osr.dimensions
+    found = None if explicit_mpp else _openslide_mpp(osr, path)
+    return _OpenSlideReader(osr, path, openslide.OpenSlideError), w, h, found
+
+
+def _tiff_levels(path: Path) -> int | None:
+    """Pyramid levels tifffile sees in the first series (None if it cannot parse the file)."""
+    import tifffile
+
+    try:
+        with tifffile.TiffFile(path) as tf:
+            return len(tf.series[0].levels)
+    except Exception:
+        return None
+
+
+def open_slide(path: str | Path, *, mpp: float | None = None, backend: str = "auto") -> Slide:
+    """Open a whole-slide image lazily (OpenSlide or tifffile), or a JPEG/PNG fully.
+
+    backend: "auto" = OpenSlide for the formats only it reads (NDPI, MRXS, SCN, VMS/VMU, BIF)
+    and for SVS/TIFF it recognises, tifffile for other TIFFs (or when OpenSlide is not
+    installed); "openslide"/"tifffile" force one. JPEG/PNG are decoded whole regardless.
+    ``mpp`` overrides the slide's metadata.
+    One clear StimageError if the slide is unusable.
+    """
     path = Path(path)
+    if backend not in BACKENDS:
+        raise StimageError(f"unknown slide backend {backend!r} (choose from {', '.join(BACKENDS)})")
     if not path.is_file():
         raise StimageError(f"slide {path} not found")
-    if path.suffix.lower() in _TIFF:
-        import tifffile
-        import zarr
-
+    suffix = path.suffix.lower()
+    opened = None  # (reader, width, height, mpp found in the slide or None)
+    if suffix in _PLAIN:
+        pass  # decoded whole below, whatever the backend
+    elif backend == "openslide" or (backend == "auto" and suffix in _OPENSLIDE_ONLY):
+        if backend == "auto" and _import_openslide(False) is None:
+            raise StimageError(f"slide {path}: {suffix} files are read through OpenSlide; {_WSI_EXTRA}")
+        opened = _open_openslide(_import_openslide(True), path, explicit_mpp=mpp is not None)
+    elif backend == "auto" and suffix in _TIFF and (osl := _import_openslide(False)) is not None:
         try:
-            tf = tifffile.TiffFile(path)
-            series = tf.series[0]
-            level0 = zarr.open(series.aszarr(level=0), mode="r")
-            smallest = series.levels[-1]
-            thumb = smallest.asarray() if len(series.levels) > 1 else level0
-            found = _tiff_mpp(tf.pages[0])
-        except Exception as e:
-            raise StimageError(f"slide {path} is unreadable or truncated ({type(e).__name__})") from None
-        if level0.ndim != 3 or level0.shape[2] < 3:
-            raise StimageError(f"slide {path} is not an RGB image (shape {tuple(level0.shape)})")
-        h, w = level0.shape[:2]
-    else:
+            fmt = osl.OpenSlide.detect_format(str(path))
+        except (osl.OpenSlideError, OSError):
+            fmt = None
+        if fmt is not None:  # a SubIFD pyramid is invisible to generic-tiff: count tifffile's levels
+            levels = _tiff_levels(path) if fmt == "generic-tiff" else None
+            opened = _open_openslide(osl, path, explicit_mpp=mpp is not None, fallback_levels=levels)
+    if opened is None and suffix not in _PLAIN and (backend == "tifffile" or suffix in _TIFF):
+        opened = _open_tifffile(path)
+    if opened is None:
         img = load_image(path)
-        level0 = thumb = img
-        h, w = img.shape[:2]
-        found = None
+        opened = _ArrayReader(img), img.shape[1], img.shape[0], None
+    reader, w, h, found = opened
     mpp = mpp if mpp is not None else found
     if mpp is None or not np.isfinite(mpp) or mpp <= 0:
         raise StimageError(f"slide {path} has no µm-per-pixel metadata; pass --mpp")
-    return Slide(path, int(w), int(h), float(mpp), level0, thumb)
+    return Slide(path, int(w), int(h), float(mpp), reader)
 
 
 def tissue_mask(thumb: np.ndarray) -> np.ndarray:

@@ -1,11 +1,38 @@
-"""Whole-slide reading, tissue mask and grid tiling on generated pyramidal TIFFs and HER2ST."""
+"""Whole-slide reading, tissue mask and grid tiling on generated pyramidal TIFFs and HER2ST.
+
+OpenSlide and tifffile read the same generated files to the same pixels and µm per pixel.
+"""
+
+import sys
 
 import cv2
 import numpy as np
 import pytest
 
+from data_pipelines import wsi
 from data_pipelines.errors import StimageError
 from data_pipelines.wsi import iter_grid_tiles, open_slide, slide_grid
+
+openslide = pytest.importorskip("openslide", reason="OpenSlide backend: pip install 'stimage-jax[wsi]'")
+
+
+def _top_level_pyramid(path, img, mpp, downsamples=(1, 4, 16)):
+    """Tiled pyramid with every level a top-level IFD: the layout OpenSlide's generic-tiff
+    driver reads as levels (the conftest fixture keeps levels in SubIFDs, which it ignores)."""
+    import tifffile
+
+    kw = dict(tile=(256, 256), photometric="rgb", compression="zlib", metadata=None)
+    with tifffile.TiffWriter(path) as tw:
+        for i, d in enumerate(downsamples):
+            tw.write(img[::d, ::d], subfiletype=1 if i else 0,
+                     resolution=(1e4 / (mpp * d), 1e4 / (mpp * d)), resolutionunit="CENTIMETER", **kw)
+
+
+def _padded(img, x0, y0, w, h):
+    """The expected region: img with white beyond its edges."""
+    m = 4000  # more than any test window reaches beyond the slide
+    big = np.pad(img, ((m, m), (m, m), (0, 0)), constant_values=255)
+    return big[y0 + m:y0 + m + h, x0 + m:x0 + m + w]
 
 
 def test_open_reads_mpp_and_regions(tmp_path, make_slide):
@@ -50,6 +77,92 @@ def test_bad_slides(tmp_path, make_slide):
         slide_grid(open_slide(tmp_path / "glass.png", mpp=0.5), tile_um=20)
     with pytest.raises(StimageError, match="not found"):
         open_slide(tmp_path / "missing.svs")
+
+
+WINDOWS = [(100, 50, 30, 20), (700, 500, 300, 280), (-10, -10, 20, 20), (1590, 1190, 30, 25),
+           (-5, 600, 1700, 3), (1500, -40, 145, 145), (2000, 2000, 10, 10)]
+
+
+def test_openslide_and_tifffile_read_the_same_slide(tmp_path, make_slide):
+    img = make_slide(tmp_path / "s.tif", mpp=0.5)
+    so = open_slide(tmp_path / "s.tif", backend="openslide")
+    st = open_slide(tmp_path / "s.tif", backend="tifffile")
+    assert (so.backend, st.backend) == ("openslide", "tifffile")
+    assert (so.width, so.height, so.mpp) == (st.width, st.height, st.mpp) == (1600, 1200, pytest.approx(0.5))
+    for win in WINDOWS:  # inside, across tile borders, across every slide edge, fully outside
+        a = so.region(*win)
+        np.testing.assert_array_equal(a, st.region(*win), err_msg=str(win))
+        np.testing.assert_array_equal(a, _padded(img, *win), err_msg=str(win))
+    assert (so.region(2000, 2000, 10, 10) == 255).all()
+    (to, so_scale), (tt, st_scale) = so.thumbnail(), st.thumbnail()
+    assert so_scale == pytest.approx(to.shape[1] / 1600) and st_scale == pytest.approx(tt.shape[1] / 1600)
+    small = cv2.resize(to, tt.shape[1::-1], interpolation=cv2.INTER_AREA)  # OpenSlide: full level
+    blur = lambda x: cv2.GaussianBlur(x, (5, 5), 0).astype(int)  # noqa: E731  (tifffile: ::4 subsample,
+    assert np.abs(blur(small) - blur(tt)).mean() < 1.0             # so its pixel noise is not averaged)
+    assert (wsi.tissue_mask(small) == wsi.tissue_mask(tt)).mean() > 0.99
+    # this file's pyramid is in SubIFDs, which OpenSlide does not see: auto keeps tifffile
+    assert open_slide(tmp_path / "s.tif").backend == "tifffile"
+
+
+def test_openslide_pyramid_thumbnail_and_strips(tmp_path, make_slide, monkeypatch):
+    img = make_slide(tmp_path / "sub.tif", mpp=0.5)
+    _top_level_pyramid(tmp_path / "p.tif", img, 0.5)
+    so = open_slide(tmp_path / "p.tif")  # auto: OpenSlide sees all three levels
+    st = open_slide(tmp_path / "p.tif", backend="tifffile")
+    assert so.backend == "openslide" and so.mpp == pytest.approx(0.5) and st.mpp == pytest.approx(0.5)
+    for win in WINDOWS:
+        np.testing.assert_array_equal(so.region(*win), st.region(*win), err_msg=str(win))
+    thumb, scale = so.thumbnail(max_side=100)  # the 1/16 level itself, as tifffile's smallest
+    np.testing.assert_array_equal(thumb, img[::16, ::16])
+    np.testing.assert_array_equal(thumb, st.thumbnail(max_side=100)[0])
+    assert scale == pytest.approx(1 / 16)
+    # a level too big to read at once (single-level file) is shrunk strip by strip
+    single = open_slide(tmp_path / "sub.tif", backend="openslide")
+    whole, _ = single.thumbnail(max_side=400)
+    monkeypatch.setattr(wsi, "_THUMB_STRIP_PX", 200_000)
+    strips, scale = single.thumbnail(max_side=400)
+    assert strips.shape == whole.shape == (300, 400, 3) and scale == 0.25
+    assert np.abs(strips.astype(int) - whole).mean() < 1.0
+
+
+def test_openslide_mpp_and_errors(tmp_path, make_slide):
+    make_slide(tmp_path / "a.svs", mpp=0.2520, svs_description=True, tags=False)
+    s = open_slide(tmp_path / "a.svs", backend="openslide")
+    assert s.mpp == pytest.approx(0.252) and s._reader.osr.properties["openslide.vendor"] == "aperio"
+    assert open_slide(tmp_path / "a.svs").backend == "openslide"  # auto: Aperio is recognised
+    import tifffile
+
+    img = np.full((512, 512, 3), 200, np.uint8)
+    tifffile.imwrite(tmp_path / "aniso.tif", img, tile=(256, 256), photometric="rgb", metadata=None,
+                     resolution=(1e4 / 0.5, 1e4 / 0.6), resolutionunit="CENTIMETER")
+    with pytest.raises(StimageError, match=r"mpp-x 0\.5, mpp-y 0\.6.*pass --mpp"):
+        open_slide(tmp_path / "aniso.tif", backend="openslide")
+    assert open_slide(tmp_path / "aniso.tif", backend="openslide", mpp=0.55).mpp == 0.55
+    make_slide(tmp_path / "nompp.tif", tags=False)
+    with pytest.raises(StimageError, match="no µm-per-pixel metadata; pass --mpp"):
+        open_slide(tmp_path / "nompp.tif", backend="openslide")
+    data = (tmp_path / "nompp.tif").read_bytes()
+    for name, cut in (("trunc.tif", 200), ("half.svs", len(data) // 2), ("junk.ndpi", 100)):
+        (tmp_path / name).write_bytes(data[:cut])
+        for backend in ("openslide", "auto"):
+            with pytest.raises(StimageError, match="unreadable or truncated") as e:
+                open_slide(tmp_path / name, mpp=0.5, backend=backend)
+            assert "\n" not in str(e.value)
+    with pytest.raises(StimageError, match="unknown slide backend"):
+        open_slide(tmp_path / "a.svs", backend="pillow")
+    rgba = np.array([[[10, 20, 30, 0], [10, 20, 30, 255], [0, 0, 0, 128]]], np.uint8)
+    np.testing.assert_array_equal(wsi._rgba_on_white(rgba), [[[255, 255, 255], [10, 20, 30], [127, 127, 127]]])
+
+
+def test_without_openslide(tmp_path, make_slide, monkeypatch):
+    make_slide(tmp_path / "s.tif", mpp=0.5)
+    (tmp_path / "x.ndpi").write_bytes(b"II*\0" + bytes(100))
+    monkeypatch.setitem(sys.modules, "openslide", None)  # import openslide -> ImportError
+    for path, backend in (("s.tif", "openslide"), ("x.ndpi", "auto")):
+        with pytest.raises(StimageError, match=r"pip install 'stimage-jax\[wsi\]'") as e:
+            open_slide(tmp_path / path, backend=backend)
+        assert "\n" not in str(e.value)
+    assert open_slide(tmp_path / "s.tif").backend == "tifffile"  # auto falls back
 
 
 @pytest.mark.real_data
