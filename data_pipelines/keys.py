@@ -10,7 +10,7 @@ from __future__ import annotations
 __all__ = [
     "SAMPLE", "ARRAY_ROW", "ARRAY_COL", "SPATIAL", "SPATIAL_UNS", "STIMAGE_UNS",
     "MPP", "SPOT_DIAMETER_UM", "IMAGE_PATH", "LABEL", "TILE_BORDER_FRAC", "TISSUE_COVERAGE",
-    "VAR_ALEATORIC", "VAR_EPISTEMIC", "Q_LO", "Q_HI", "MEMBER_MEAN", "MEMBER_MU", "MEMBER_R",
+    "VAR_ALEATORIC", "VAR_EPISTEMIC", "Q_LO", "Q_HI", "MEMBER_MEAN", "MEMBER_MU", "MEMBER_R", "P_HIGH",
     "SPOT_DIAMETER_FULLRES", "IMAGE_SCALE", "LIBRARY_ID", "PLATFORM", "DROPPED", "PREDICTION",
 ]
 
@@ -46,3 +46,4 @@ Q_HI = "q_hi"
 MEMBER_MEAN = "member_mean"          # obsm: (n_spots, members, genes), optional
 MEMBER_MU = "nb_member_mu"           # obsm: (n_spots, members, genes) members' NB means
 MEMBER_R = "nb_member_r"             # obsm: (n_spots, members, genes) members' NB dispersions
+P_HIGH = "p_high"                    # layers: probability of high expression (classification model)

@@ -52,7 +52,20 @@ def _train_config(a):
 
 
 def cmd_train(a) -> None:
-    from stimage_jax.pipeline import train
+    from stimage_jax.pipeline import train, train_classifier
+
+    if a.task == "classify":
+        if a.members != 1 or a.fine_tune or a.embeddings:
+            raise StimageError("--task classify fits one logistic model per gene on frozen backbone features "
+                               "(no --members, --fine-tune or --embeddings)")
+        model = train_classifier(a.data, a.workdir, genes=a.genes, backbone=a.backbone or "efficientnet_lite0",
+                                 weights=a.weights, tile_um=a.tile_um, tile_px=a.tile_px, C=a.C,
+                                 l1_ratio=a.l1_ratio, seed=a.seed, stain=a.stain, stain_template=a.stain_template,
+                                 min_coverage=a.min_coverage, progress=not a.quiet, overwrite=a.overwrite)
+        print(f"trained high/low classifiers for {len(model.genes)} genes on "
+              f"{', '.join(model.config['training_samples'])} (features {model.config['backbone']}) "
+              f"-> {Path(a.workdir) / 'model'}")
+        return
 
     model = train(a.data, a.workdir, genes=a.genes, backbone=a.backbone, weights=a.weights,
                   embeddings=a.embeddings, members=a.members, fine_tune=a.fine_tune,
@@ -69,8 +82,8 @@ def cmd_train(a) -> None:
 def cmd_predict(a) -> int | None:
     from data_pipelines.io import check_writable, write_h5ad
     from data_pipelines.slides import read_h5ad
-    from stimage_jax.ensemble.model import EnsembleModel
-    from stimage_jax.pipeline import predict
+    from stimage_jax.classify import ClassifierModel
+    from stimage_jax.pipeline import load_model, predict, predict_classifier
 
     if str(a.model).endswith(".onnx"):  # the JAX-free runtime does the work
         from export.predict import main as onnx_main
@@ -81,7 +94,14 @@ def cmd_predict(a) -> int | None:
         argv += (["--mpp", str(a.mpp)] if a.mpp else []) + (["--genes", a.genes] if a.genes else [])
         return onnx_main(argv + ["--overwrite"] * a.overwrite + ["--quiet"] * a.quiet)
     check_writable(a.out, a.overwrite)
-    model = EnsembleModel.load(a.model)
+    model = load_model(a.model)
+    if isinstance(model, ClassifierModel):
+        if a.slide:
+            raise StimageError("classification models predict spots (--data), not slides, for now")
+        pred = predict_classifier(read_h5ad(a.data), model, batch_size=a.batch_size, progress=not a.quiet)
+        write_h5ad(pred, a.out, overwrite=a.overwrite)
+        print(f"predicted P(high) of {pred.n_vars} genes for {pred.n_obs} spots -> {a.out}")
+        return None
     if a.slide:
         from export.prediction import slide_to_files
         from stimage_jax.pipeline import provenance
@@ -260,6 +280,10 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--embeddings", help="precomputed spot embeddings (UNI, Virchow2, ...): an obsm key, "
                    "or a folder of <sample>.npy; trained as one more feature source")
     t.add_argument("--members", type=int, default=1, help="members per feature source")
+    t.add_argument("--task", default="regress", choices=["regress", "classify"],
+                   help="regress: NB counts (default); classify: high/low per gene (elastic-net logistic)")
+    t.add_argument("--C", type=float, default=0.1, help="--task classify: inverse regularisation strength")
+    t.add_argument("--l1-ratio", type=float, default=0.5, help="--task classify: elastic-net mixing")
     t.add_argument("--stain", default="none", choices=["none", *STAIN_METHODS],
                    help="stain-normalise every tile towards a template (stored with the model, reused "
                    "at prediction); default none")

@@ -145,6 +145,11 @@ def evaluate(pred, truth) -> tuple[pd.DataFrame, list[str]]:
         const_t, const_p = T.std(0) == 0, P.std(0) == 0
         note = np.where(const_t, "constant in truth", np.where(const_p, "constant prediction", ""))
         auc, f1 = high_low_scores(P, T)
+        if keys.P_HIGH in p_all.layers:  # a classifier: its call is P(high) > 0.5
+            ph = _dense(p_all.layers[keys.P_HIGH][m])
+            y, yhat = T > T.mean(0), ph > 0.5
+            with np.errstate(invalid="ignore", divide="ignore"):
+                f1 = np.where(np.isnan(auc), np.nan, 2 * (y & yhat).sum(0) / (y.sum(0) + yhat.sum(0)))
         row = {"sample": s, "gene": genes, "n_spots": int(m.sum()), "pcc": pcc, "spearman": rho, "note": note,
                "auc": auc, "f1": f1}
         if keys.Q_LO in p_all.layers and keys.Q_HI in p_all.layers:

@@ -41,7 +41,8 @@ from stimage_jax.features.registry import BACKBONES, DEFAULT_WEIGHTS, create_bac
 from stimage_jax.genes import check_genes, select_genes
 from stimage_jax.nb.head import init_head_from_data
 
-__all__ = ["train", "predict", "provenance", "split_samples", "counts_matrix", "sample_features"]
+__all__ = ["train", "predict", "train_classifier", "predict_classifier", "load_model", "provenance",
+           "split_samples", "counts_matrix", "sample_features"]
 
 log = logging.getLogger("stimage")
 
@@ -343,3 +344,104 @@ def provenance(cfg: dict) -> dict:
             "model_version": cfg["version"], "version": __version__, "training_samples": cfg["training_samples"],
             "nb_parameterisation": cfg["nb_parameterisation"], "target": cfg["train"]["loss"],
             "stain": (cfg.get("stain") or {}).get("method", "none")}
+
+
+def train_classifier(data, workdir: str | os.PathLike, *, genes: str = "markers",
+                     backbone: str = "efficientnet_lite0", weights=None, tile_um: float | None = None,
+                     tile_px: int = 299, C: float = 0.1, l1_ratio: float = 0.5, seed: int = 0,
+                     stain: str | None = None, stain_template=None, min_coverage: float = DEFAULT_MIN_COVERAGE,
+                     feature_batch_size: int = 32, progress: bool = True, overwrite: bool = False,
+                     cache_dir: str | os.PathLike | None = None):
+    """The paper's classification model: frozen-backbone features → per-gene elastic-net
+    logistic regression of high (per-sample z > 0) vs low; saved in ``workdir/model``.
+    Every sample trains (no early stopping to validate)."""
+    from stimage_jax.classify import CLASSIFIER_FORMAT, ClassifierModel, fit_classifier
+
+    sources = _parse_sources(backbone, None, weights)
+    if len(sources) != 1:
+        raise StimageError("--task classify uses one backbone")
+    src = sources[0]
+    workdir = Path(workdir).absolute()
+    adatas = split_samples(_load(data))
+    gene_list = select_genes(genes, adatas)
+    geometry = {"tile_um": _tile_um(adatas, tile_um), "tile_px": int(tile_px)}
+    stain_ref = None
+    if stain not in (None, "none"):
+        template = stain_template or sample_image_path(adatas[0], _sample_id(adatas[0]))
+        stain_ref = fit_stain(stain, lowres_view(load_image(template)))
+    fp = weights_fingerprint(src["weights"])
+    request = {"task": "classify", "data_samples": [_sample_id(a) for a in adatas], "genes": gene_list,
+               "backbone": src["backbone"], "weights_fingerprint": fp, "C": C, "l1_ratio": l1_ratio, "seed": seed,
+               "stain": stain_tag(stain_ref), "min_coverage": min_coverage, **geometry}
+    req_file = workdir / "request.json"
+    if req_file.exists() and json.loads(req_file.read_text()) != request and not overwrite:
+        raise StimageError(f"workdir {workdir} holds a different run; use another --workdir or pass --overwrite")
+    if req_file.exists() and json.loads(req_file.read_text()) == request and (workdir / "model" / "model.json").exists():
+        return ClassifierModel.load(workdir / "model")
+    workdir.mkdir(parents=True, exist_ok=True)
+    with atomic_path(req_file) as tmp:
+        tmp.write_text(json.dumps(request, indent=1))
+    low = {}
+    if min_coverage > 0:
+        kept = [filter_by_coverage(a, min_coverage, **geometry) for a in adatas]
+        low = {_sample_id(a): a.n_obs - k.n_obs for a, k in zip(adatas, kept)}
+        adatas = kept
+    cache = Path(cache_dir).absolute() if cache_dir is not None else workdir / "cache"
+    bb = create_backbone(src["backbone"], rngs=nnx.Rngs(seed), weights=src["weights"])
+    feats = sample_features(bb, adatas, {"backbone": src["backbone"], **geometry}, fp, cache, feature_batch_size,
+                            progress, stain=stain_ref)
+    counts = np.concatenate([counts_matrix(a, gene_list) for a in adatas])
+    samples = np.concatenate([np.full(a.n_obs, _sample_id(a)) for a in adatas])
+    ref = fit_classifier(np.concatenate(feats), counts, samples, gene_list, C=C, l1_ratio=l1_ratio, seed=seed,
+                         progress=progress)
+    cfg = {"format": CLASSIFIER_FORMAT, "task": "classify", "version": __version__, "genes": gene_list,
+           "backbone": src["backbone"], "weights": src["weights"], "weights_fingerprint": fp,
+           "num_features": int(feats[0].shape[1]), "seed": seed, "classifier": ref.params,
+           "labels": "high = count above the gene's mean within its sample (per-sample z-score > 0)",
+           "stain": None if stain_ref is None else stain_ref.to_dict(), "min_coverage": min_coverage,
+           "dropped_low_coverage": low, "training_samples": [_sample_id(a) for a in adatas],
+           "trained_at": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"), **geometry}
+    model = ClassifierModel(cfg, bb, ref)
+    model.save(workdir / "model")
+    return model
+
+
+def predict_classifier(adata: ad.AnnData, model, *, batch_size: int = 32, progress: bool = True,
+                       features: np.ndarray | None = None) -> ad.AnnData:
+    """``layers["p_high"]`` (and X) = probability of high expression per spot and gene."""
+    cfg = model.config
+    if features is None:
+        tiles = spot_tiles(adata, tile_um=cfg["tile_um"], tile_px=cfg["tile_px"], progress=progress, stain=model.stain)
+        p = model.p_high(tiles, batch_size=batch_size, progress=progress)
+    else:
+        p = model.p_high(features=features)
+    out = ad.AnnData(X=p, obs=adata.obs.copy(), var=pd.DataFrame(index=pd.Index(model.genes)))
+    out.layers[keys.P_HIGH] = p
+    if keys.SPATIAL in adata.obsm:
+        out.obsm[keys.SPATIAL] = np.asarray(adata.obsm[keys.SPATIAL])
+    if keys.SPATIAL_UNS in adata.uns:
+        out.uns[keys.SPATIAL_UNS] = adata.uns[keys.SPATIAL_UNS]
+    src = dict(adata.uns.get(keys.STIMAGE_UNS, {}))
+    out.uns[keys.STIMAGE_UNS] = {
+        **{k: v for k, v in src.items() if k in (keys.MPP, keys.SPOT_DIAMETER_UM, keys.PLATFORM, keys.LIBRARY_ID)},
+        keys.PREDICTION: {"task": "classify", "backbone": cfg["backbone"], "genes": cfg["genes"],
+                          "tile_um": cfg["tile_um"], "tile_px": cfg["tile_px"], "version": __version__,
+                          "training_samples": cfg["training_samples"],
+                          "stain": (cfg.get("stain") or {}).get("method", "none")}}
+    return out
+
+
+def load_model(path: str | os.PathLike):
+    """An :class:`EnsembleModel` or a classification model, by what ``model.json`` says."""
+    from stimage_jax.classify import CLASSIFIER_FORMAT, ClassifierModel
+
+    p = Path(path)
+    meta = p / "model" / "model.json" if (p / "model" / "model.json").is_file() else p / "model.json"
+    if meta.is_file():
+        try:
+            cfg = json.loads(meta.read_text())
+        except json.JSONDecodeError as e:
+            raise StimageError(f"{meta} is corrupt: {e}") from None
+        if cfg.get("format") == CLASSIFIER_FORMAT:
+            return ClassifierModel.load(meta.parent, cfg)
+    return EnsembleModel.load(path)
