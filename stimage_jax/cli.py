@@ -215,6 +215,45 @@ def cmd_benchmark(a) -> None:
     print(f"-> {wd / 'metrics.csv'}, {wd / 'summary.md'}, {wd / 'boxplot.png'}")
 
 
+def cmd_explain(a) -> None:
+    from data_pipelines.slides import read_h5ad
+    from stimage_jax.explain.spot import explain_saliency, read_tile, spot_tile
+    from stimage_jax.pipeline import load_model
+
+    if bool(a.data) == bool(a.tile):
+        raise StimageError("give --data with --spot, or --tile")
+    if a.data and not a.spot:
+        raise StimageError("--data needs --spot ID (an obs name)")
+    model = load_model(a.model)
+    if a.gene not in model.genes:
+        raise StimageError(f"gene {a.gene!r} is not predicted by this model ({', '.join(model.genes[:5])}, ...)")
+    if a.tile:
+        tile, name = read_tile(a.tile, model.config["tile_px"]), Path(a.tile).stem
+    else:
+        tile, name = spot_tile(read_h5ad(a.data), model, a.spot), a.spot
+    if a.method == "saliency":
+        res = explain_saliency(model, tile, a.gene, a.out, name=name, seed=a.seed, n_samples=a.samples or 25)
+        print(f"SmoothGrad of {a.gene} (predicted mean {res['mean']:.2f}) -> {res['png']}, {res['npy']}")
+    else:
+        from stimage_jax.explain.lime_nuclei import explain_lime
+
+        res = explain_lime(model, tile, a.gene, a.out, name=name, seed=a.seed, num_samples=a.samples or 1000)
+        print(f"LIME over {res['n_nuclei']} nuclei for {a.gene} (predicted {res['value']:.3f}): "
+              f"{res['note']}-> {res['png']}, {res['csv']}")
+
+
+def cmd_latent(a) -> None:
+    from data_pipelines.io import check_writable
+    from data_pipelines.slides import read_h5ad
+    from stimage_jax.explain.spot import latent_figure
+    from stimage_jax.pipeline import load_model
+
+    check_writable(a.out, a.overwrite)
+    model = load_model(a.model)
+    path = latent_figure(read_h5ad(a.data), model, _csv(a.genes), a.out, progress=not a.quiet)
+    print(f"latent space (PCA of features) -> {path}")
+
+
 def cmd_quickstart(a) -> None:
     """The README's main job: HER2ST C2–C6, train on four sections, predict the fifth."""
     from data_pipelines.io import write_h5ad
@@ -345,6 +384,27 @@ def build_parser() -> argparse.ArgumentParser:
                         "0.1-0.95; needs the members' NB parameters (stimage predict --data keeps them)")
     e.add_argument("--overwrite", action="store_true")
     e.set_defaults(func=cmd_evaluate)
+
+    ex = sub.add_parser("explain", parents=[common], help="why a spot gets its prediction (saliency, LIME)")
+    ex.add_argument("--model", required=True)
+    ex.add_argument("--data", help=".h5ad holding the spot")
+    ex.add_argument("--spot", help="obs name of the spot to explain")
+    ex.add_argument("--tile", help="or a tile image of the model's size")
+    ex.add_argument("--gene", required=True)
+    ex.add_argument("--method", default="lime", choices=["lime", "saliency"])
+    ex.add_argument("--samples", type=int, default=None,
+                    help="perturbations (LIME, default 1000) or noisy copies (SmoothGrad, default 25)")
+    ex.add_argument("--seed", type=int, default=0)
+    ex.add_argument("--out", required=True, help="output folder")
+    ex.set_defaults(func=cmd_explain)
+
+    la = sub.add_parser("latent", parents=[common], help="PCA of backbone features coloured by expression (PNG)")
+    la.add_argument("--model", required=True)
+    la.add_argument("--data", required=True)
+    la.add_argument("--genes", required=True)
+    la.add_argument("--out", required=True, help="PNG")
+    la.add_argument("--overwrite", action="store_true")
+    la.set_defaults(func=cmd_latent)
 
     b = sub.add_parser("benchmark", parents=[common],
                        help="leave-one-sample-out: STimage (ensemble, single), ridge and MSE on the same folds")
