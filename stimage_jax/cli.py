@@ -73,7 +73,7 @@ def cmd_train(a) -> None:
                   val_samples=_csv(a.val_samples) if a.val_samples else None,
                   config=_train_config(a), dropout=a.dropout, seed=a.seed, progress=not a.quiet,
                   overwrite=a.overwrite, stain=a.stain, stain_template=a.stain_template,
-                  min_coverage=a.min_coverage)
+                  min_coverage=a.min_coverage, augment=a.augment, augment_views=a.augment_views)
     print(f"trained {model.config['members']} member(s) on {', '.join(model.config['training_samples'])} "
           f"({len(model.genes)} genes, features {model.config['backbone']}, {model.config['strategy']} strategy) "
           f"-> {Path(a.workdir) / 'model'}")
@@ -326,6 +326,11 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--stain", default="none", choices=["none", *STAIN_METHODS],
                    help="stain-normalise every tile towards a template (stored with the model, reused "
                    "at prediction); default none")
+    t.add_argument("--augment", default="none", choices=["none", "default", "hed"],
+                   help="training-tile augmentation: default = flips, rot90, affine, blur/noise/HSV/grey; "
+                   "hed = default + H&E stain jitter")
+    t.add_argument("--augment-views", type=int, default=4,
+                   help="frozen backbone: augmented copies of each training tile (features cached)")
     t.add_argument("--min-coverage", type=float, default=0.7,
                    help="leave out spots whose tile is less than this fraction tissue (0 keeps all)")
     t.add_argument("--stain-template", help="template H&E image for --stain (default: a low-resolution view "

@@ -137,6 +137,53 @@ def _parse_sources(backbone, embeddings, weights) -> list[dict]:
     return sources
 
 
+AUGMENTATIONS = ("none", "default", "hed")
+
+
+def augment_config(name: str):
+    """``none`` → None; ``default`` → STimage's flips/rot90/affine/one-of photometric set;
+    ``hed`` → the same plus HED stain jitter (Tellez et al. 2019, σ 0.05)."""
+    if name in (None, "none"):
+        return None
+    if name not in AUGMENTATIONS:
+        raise StimageError(f"unknown augmentation {name!r}; choose from {', '.join(AUGMENTATIONS)}")
+    from data_pipelines.augmentation import AugmentConfig
+
+    return AugmentConfig() if name == "default" else AugmentConfig(stain_p=1.0, stain_sigma=0.05)
+
+
+def augmented_features(backbone, adata, geometry, weights_fp, cache: Path, aug_name: str, views: int, key,
+                       *, batch_size: int = 32, progress: bool = True, stain=None) -> list[np.ndarray]:
+    """``views`` augmented copies of one sample's tiles → their features, each (N, D),
+    computed once and cached next to the plain features (frozen backbones only)."""
+    import zlib
+
+    from data_pipelines.augmentation import augment
+
+    cfg = augment_config(aug_name)
+    s = _sample_id(adata)
+    tiles = spot_tiles(adata, tile_um=geometry["tile_um"], tile_px=geometry["tile_px"], cache_dir=cache / "tiles",
+                       progress=progress, stain=stain)
+    tag = "" if stain is None else f"__{stain_tag(stain)}"
+    base = jax.random.fold_in(key, zlib.crc32(s.encode()))
+    out = []
+    for v in range(views):
+        name = (f"{s}__{geometry['backbone']}__{weights_fp}__{geometry['tile_um']:g}um{geometry['tile_px']}px"
+                f"{tag}__aug-{aug_name}-{int(jax.random.key_data(key).ravel()[-1])}-v{v}.npy")
+        path = cache / "features" / name
+        if path.exists():
+            f = np.load(path)
+            if f.shape == (len(tiles), backbone.num_features):
+                out.append(f)
+                continue
+        kv = jax.random.fold_in(base, v)
+        aug = np.concatenate([np.asarray(augment(jax.random.fold_in(kv, i), np.asarray(tiles[i:i + 64]), cfg))
+                              for i in range(0, len(tiles), 64)])
+        out.append(cached_features(backbone, aug, path, batch_size=batch_size, progress=progress,
+                                   desc=f"features {s} view {v + 1}/{views}"))
+    return out
+
+
 def train(data, workdir: str | os.PathLike, *, genes: str = "markers",
           backbone: str | list[str] | None = "efficientnet_lite0", weights=None,
           embeddings: str | None = None, members: int = 1, fine_tune: bool = False,
@@ -145,7 +192,8 @@ def train(data, workdir: str | os.PathLike, *, genes: str = "markers",
           seed: int = 0, strategy: str = "auto", feature_batch_size: int = 32, progress: bool = True,
           overwrite: bool = False, cache_dir: str | os.PathLike | None = None,
           stain: str | None = None, stain_template: str | os.PathLike | None = None,
-          min_coverage: float = DEFAULT_MIN_COVERAGE) -> EnsembleModel:
+          min_coverage: float = DEFAULT_MIN_COVERAGE, augment: str = "none",
+          augment_views: int = 4) -> EnsembleModel:
     """Train an ensemble of NB models; return it (also saved in ``workdir/model``).
 
     data: .h5ad paths or AnnData objects (one or more samples each). ``members`` models
@@ -160,7 +208,13 @@ def train(data, workdir: str | os.PathLike, *, genes: str = "markers",
     image; the fitted reference is stored with the model and reused at prediction.
     Spots whose tile is less than ``min_coverage`` tissue are left out of training (counted
     in ``uns["stimage"]["dropped"]``, coverage in ``obs["tissue_coverage"]``).
+    ``augment`` (none|default|hed) applies to training tiles only: fine-tuning augments every
+    batch; a frozen backbone sees ``augment_views`` augmented copies of each training tile,
+    whose features are computed once and cached.
     """
+    aug_cfg = augment_config(augment)
+    if aug_cfg is not None and augment_views < 1 and not fine_tune:
+        raise StimageError(f"--augment-views must be >= 1 (got {augment_views})")
     if members < 1:
         raise StimageError(f"--members must be >= 1 (got {members})")
     sources = _parse_sources(backbone, embeddings, weights)
@@ -207,7 +261,9 @@ def train(data, workdir: str | os.PathLike, *, genes: str = "markers",
                "sources": [{k: v for k, v in s.items() if k != "weights"} for s in sources],
                "members": members, "fine_tune": fine_tune, "val_samples": list(val_samples),
                "train": dataclasses.asdict(config), "head": {"hidden": head_hidden, "dropout": dropout},
-               "seed": seed, "min_coverage": min_coverage if backbone_sources else None, **geometry}
+               "seed": seed, "min_coverage": min_coverage if backbone_sources else None,
+               "augment": augment or "none", "augment_views": augment_views if aug_cfg and not fine_tune else 0,
+               **geometry}
 
     req_file = workdir / "request.json"
     if req_file.exists():
@@ -255,7 +311,8 @@ def train(data, workdir: str | os.PathLike, *, genes: str = "markers",
            "stain": None if stain_ref is None else stain_ref.to_dict(),
            "head": {"hidden": head_hidden, "dropout": dropout},
            "tile_um": geometry["tile_um"], "tile_px": geometry["tile_px"], "train": dataclasses.asdict(config),
-           "seed": seed, "min_coverage": request["min_coverage"],
+           "seed": seed, "min_coverage": request["min_coverage"], "augment": request["augment"],
+           "augment_views": request["augment_views"],
            "dropped_low_coverage": low_coverage, "strategy": resolved, "training_samples": [s for s, v in zip(sample_ids, is_val) if not v],
            "validation_samples": list(val_samples), "nb_parameterisation": "mean-dispersion (log link): var = mu + mu^2/r"}
     if len(backbone_sources) == 1 and len(sources) == 1:
@@ -267,6 +324,7 @@ def train(data, workdir: str | os.PathLike, *, genes: str = "markers",
         ids = [si * members + m for m in range(members)]   # global member index: distinct seeds
         init_keys = jnp.stack([jax.random.fold_in(jax.random.fold_in(key, i), 0) for i in ids])
         train_keys = jnp.stack([jax.random.fold_in(jax.random.fold_in(key, i), 1) for i in ids])
+        y_src = y_tr
         if fine_tune:
             tiles = [np.asarray(spot_tiles(a, tile_um=geometry["tile_um"], tile_px=geometry["tile_px"],
                                            cache_dir=cache / "tiles", progress=False, stain=stain_ref))
@@ -278,13 +336,23 @@ def train(data, workdir: str | os.PathLike, *, genes: str = "markers",
             mode = lambda net: (net.train(), net.backbone.eval())  # noqa: E731  BN statistics stay frozen
         else:
             x_tr, x_va = f_tr, f_va
+            if aug_cfg is not None and src["kind"] == "backbone":
+                # Frozen backbone: K augmented views of every training tile, as extra spots.
+                views = [augmented_features(backbones[src["name"]], a, {"backbone": src["backbone"], **geometry},
+                                            src["weights_fingerprint"], cache, augment, augment_views,
+                                            jax.random.fold_in(key, 0xA06), batch_size=feature_batch_size,
+                                            progress=progress, stain=stain_ref)
+                         for a, v in zip(adatas, is_val) if not v]
+                x_tr = np.concatenate([f_tr] + [np.concatenate([vs[k] for vs in views]) for k in range(augment_views)])
+                y_src = np.concatenate([y_tr] * (augment_views + 1))
             stacked = create_members(lambda r: build_member(cfg, rngs=r, source=src), init_keys)  # noqa: B023
-            init_head_from_data(stacked, f_tr, y_tr)
+            init_head_from_data(stacked, x_tr, y_src)
             mode = None
         log.info("training %d member(s) on %s (%s strategy)", members, src["name"], resolved)
-        stacked, hists = fit_ensemble(stacked, x_tr, y_tr, x_va, y_va, keys=train_keys, config=config,
-                                      strategy=resolved, ckpt_dir=workdir / "checkpoints" / src["name"],
-                                      set_train_mode=mode, progress=progress)
+        stacked, hists = fit_ensemble(stacked, x_tr, y_src, x_va, y_va, keys=train_keys,
+                                      config=config, strategy=resolved,
+                                      ckpt_dir=workdir / "checkpoints" / src["name"], set_train_mode=mode,
+                                      progress=progress, augment=aug_cfg if fine_tune else None)
         trained += unstack_members(stacked)
         for i, hist in zip(ids, hists):
             logs += [{"member": i, "source": src["name"], **h} for h in hist]

@@ -41,6 +41,7 @@ __all__ = ["STRATEGIES", "resolve_strategy", "create_members", "stack_members", 
            "member_mesh", "fit_ensemble"]
 
 STRATEGIES = ("auto", "loop", "vmap")
+AUGMENT_STREAM = 0xA06  # folded into a member's key for its augmentation draws
 
 
 def resolve_strategy(strategy: str, *, trains_backbone: bool, backend: str | None = None) -> str:
@@ -102,7 +103,7 @@ def fit_ensemble(members: nnx.Module, x_train, y_train, x_val=None, y_val=None, 
                  config: TrainConfig = TrainConfig(), strategy: str = "vmap",
                  ckpt_dir: str | Path | None = None, set_train_mode: Callable | None = None,
                  progress: bool = True, on_epoch: Callable | None = None,
-                 mesh: Mesh | None | str = "auto"):
+                 mesh: Mesh | None | str = "auto", augment=None):
     """Train stacked ``members`` (leading axis M) in place → ``(members, histories)``.
 
     keys: (M,) typed PRNG keys, one per member (data order). Everything else as
@@ -111,8 +112,10 @@ def fit_ensemble(members: nnx.Module, x_train, y_train, x_val=None, y_val=None, 
     jitted one-member step (compiled once); resolve ``auto`` first with
     :func:`resolve_strategy`. ``mesh`` (vmap only): "auto" shards over all devices when
     there are several; None keeps one device. Checkpoints (``ckpt_dir/stacked``) are the
-    same for both strategies. histories: one list of {"epoch", "train_loss", "val_loss"}
-    per member.
+    same for both strategies. ``augment``: an
+    :class:`~data_pipelines.augmentation.AugmentConfig` applied to every training batch of
+    uint8 tiles (fine-tuning), with a key per member, epoch and batch; never to validation.
+    histories: one list of {"epoch", "train_loss", "val_loss"} per member.
     """
     if strategy not in ("vmap", "loop"):
         raise StimageError(f"strategy must be 'vmap' or 'loop' here, got {strategy!r}")
@@ -124,7 +127,7 @@ def fit_ensemble(members: nnx.Module, x_train, y_train, x_val=None, y_val=None, 
         mesh = None
     return _fit_groups(members, x_train, y_train, x_val, y_val, keys=keys, config=config, groups=groups,
                        ckpt_dir=ckpt_dir, set_train_mode=set_train_mode, progress=progress,
-                       on_epoch=on_epoch, mesh=mesh, desc=f"{n_mem} members ({strategy})")
+                       on_epoch=on_epoch, mesh=mesh, desc=f"{n_mem} members ({strategy})", augment=augment)
 
 
 def _where(mask, new, old):
@@ -159,7 +162,7 @@ def _split(tree, groups):
 
 
 def _fit_groups(model, x_train, y_train, x_val, y_val, *, keys, config, groups, ckpt_dir, set_train_mode,
-                progress, on_epoch, mesh, desc):
+                progress, on_epoch, mesh, desc, augment=None):
     """The training loop of both strategies: members in ``groups``, each group stepped by
     one vmapped jitted step (one group of M = ``vmap``; M groups of 1 = ``loop``, where the
     step compiles once and vmap over a length-1 axis costs nothing)."""
@@ -271,7 +274,14 @@ def _fit_groups(model, x_train, y_train, x_val, y_val, *, keys, config, groups, 
         tot = np.zeros(n_mem)
         live = [gi for gi, (g0, g1) in enumerate(groups) if active[g0:g1].any()]
         active_j = {gi: put(jnp.asarray(active[g0:g1]), P("member")) for gi, (g0, g1) in enumerate(groups)}
-        for parts in zip(*gens):
+        for bi, parts in enumerate(zip(*gens)):
+            if augment is not None:
+                from data_pipelines.augmentation import augment as augment_tiles
+
+                # Each member augments its own batch with its own stream: (member, epoch, batch).
+                parts = [(np.asarray(augment_tiles(jax.random.fold_in(jax.random.fold_in(jax.random.fold_in(
+                    keys[m], epoch), AUGMENT_STREAM), bi), q[0], augment)), q[1], q[2]) if active[m] else q
+                    for m, q in enumerate(parts)]
             for gi in live:  # a stopped member's group is skipped (loop) or masked (vmap)
                 g0, g1 = groups[gi]
                 xb = put(jnp.stack([q[0] for q in parts[g0:g1]]), batch_spec)

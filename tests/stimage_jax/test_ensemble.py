@@ -299,3 +299,28 @@ def test_weights_list_default_and_none_entries(tmp_path):
         _parse_sources("efficientnet_lite0,tiny", None, "default")
     with pytest.raises(StimageError, match="not found"):
         _parse_sources("tiny", None, str(tmp_path / "missing.safetensors"))
+
+
+def test_augmentation_frozen_views_and_fine_tune(synthetic_study, tmp_path):
+    """Frozen: K cached views enlarge the training set, validation untouched; fine-tune:
+    each member's batches are augmented with its own keys (vmap still equals loop)."""
+    from stimage_jax.pipeline import train
+
+    base = dict(genes="A,B", backbone="tiny", tile_px=32, min_coverage=0.0, progress=False,
+                config=TrainConfig(lr=3e-2, max_epochs=2, batch_size=16))
+    m = train(synthetic_study[:2], tmp_path / "frozen", augment="default", augment_views=2, **base)
+    assert m.config["augment"] == "default" and m.config["augment_views"] == 2
+    views = sorted((tmp_path / "frozen" / "cache" / "features").glob("s0__*aug-default*-v*.npy"))
+    assert len(views) == 2 and not list((tmp_path / "frozen" / "cache" / "features").glob("s1__*aug*"))
+    plain = next(p for p in (tmp_path / "frozen" / "cache" / "features").glob("s0__*.npy") if "aug" not in p.name)
+    assert not np.allclose(np.load(views[0]), np.load(plain))  # the views are different tiles
+    log = (tmp_path / "frozen" / "train_log.csv").read_text()
+    assert log.count("\n") == 1 + 2  # one member, 2 epochs
+
+    ft = {**base, "fine_tune": True, "members": 2, "augment": "default"}
+    a = train(synthetic_study[:2], tmp_path / "ft_vmap", strategy="vmap", **ft)
+    b = train(synthetic_study[:2], tmp_path / "ft_loop", strategy="loop", **ft)
+    ka = np.asarray(a.members[0].head.mu_out.kernel[...])
+    np.testing.assert_allclose(ka, np.asarray(b.members[0].head.mu_out.kernel[...]), atol=2e-5)
+    c = train(synthetic_study[:2], tmp_path / "ft_plain", strategy="vmap", **{**ft, "augment": "none"})
+    assert not np.allclose(ka, np.asarray(c.members[0].head.mu_out.kernel[...]), atol=1e-4)  # augmentation acted
