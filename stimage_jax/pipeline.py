@@ -332,7 +332,7 @@ def train(data, workdir: str | os.PathLike, *, genes: str = "markers",
             x_tr, x_va = pick(tiles, False), pick(tiles, True)
             stacked = stack_members([build_member(cfg, rngs=nnx.Rngs(k), source=src, backbone=create_backbone(
                 src["backbone"], rngs=nnx.Rngs(0), weights=src["weights"])) for k in init_keys])
-            init_head_from_data(stacked.head, f_tr, y_tr)
+            init_head_from_data(stacked.head, f_tr, y_tr, loss=config.loss)
             mode = lambda net: (net.train(), net.backbone.eval())  # noqa: E731  BN statistics stay frozen
         else:
             x_tr, x_va = f_tr, f_va
@@ -346,7 +346,7 @@ def train(data, workdir: str | os.PathLike, *, genes: str = "markers",
                 x_tr = np.concatenate([f_tr] + [np.concatenate([vs[k] for vs in views]) for k in range(augment_views)])
                 y_src = np.concatenate([y_tr] * (augment_views + 1))
             stacked = create_members(lambda r: build_member(cfg, rngs=r, source=src), init_keys)  # noqa: B023
-            init_head_from_data(stacked, x_tr, y_src)
+            init_head_from_data(stacked, x_tr, y_src, loss=config.loss)
             mode = None
         log.info("training %d member(s) on %s (%s strategy)", members, src["name"], resolved)
         stacked, hists = fit_ensemble(stacked, x_tr, y_src, x_va, y_va, keys=train_keys,

@@ -44,7 +44,7 @@ class NBHead(nnx.Module):
         return self.mu_out(h), self.r_out(h)
 
 
-def init_head_from_data(head: NBHead, feats: np.ndarray, counts: np.ndarray) -> NBHead:
+def init_head_from_data(head: NBHead, feats: np.ndarray, counts: np.ndarray, *, loss: str = "nb") -> NBHead:
     """Set standardisation from training features and biases from each gene's marginal NB.
 
     feats: (N, D) float; counts: (N, G) raw counts. Features constant in training get an
@@ -67,6 +67,9 @@ def init_head_from_data(head: NBHead, feats: np.ndarray, counts: np.ndarray) -> 
     mean = counts.mean(0) + 1e-3
     excess = np.maximum(counts.var(0) - mean, 1e-6)
     r = np.clip(mean**2 / excess, 0.01, 100.0)
-    fill(head.mu_out.bias, np.log(mean))
+    # The mean output starts at each gene's marginal fit on the scale the loss reads: the
+    # log mean for NB; the mean of log1p counts for the MSE head (log(mean) would start a
+    # rare gene below 0, where the clamped prediction is constant and gets no ranking).
+    fill(head.mu_out.bias, np.log1p(counts).mean(0) if loss == "mse_log1p" else np.log(mean))
     fill(head.r_out.bias, np.log(r))
     return head

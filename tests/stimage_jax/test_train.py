@@ -95,3 +95,14 @@ def test_feature_dead_in_training_cannot_blow_up_predictions(nb_data):
     probe[:, 0] = 50.0  # ... fires on a new slide
     np.testing.assert_allclose(np.asarray(h(probe)[0]), alive, rtol=1e-6)
     assert np.isfinite(np.asarray(h.feat_scale[...])[1:]).all()
+
+
+def test_init_starts_each_head_at_the_marginal_fit_of_its_loss(nb_data):
+    x, y, _ = nb_data
+    y = y.copy()
+    y[:, 0] = (np.arange(len(y)) % 5 == 0)  # a rare gene: mean 0.2, log(mean) < 0
+    nb = _head(x, y)
+    np.testing.assert_allclose(np.asarray(nb.mu_out.bias[...]), np.log(y.mean(0) + 1e-3), rtol=1e-5)
+    h = init_head_from_data(NBHead(x.shape[1], y.shape[1], rngs=nnx.Rngs(0)), x, y, loss="mse_log1p")
+    np.testing.assert_allclose(np.asarray(h.mu_out.bias[...]), np.log1p(y).mean(0), rtol=1e-5)
+    assert np.asarray(h.mu_out.bias[...])[0] > 0  # the clamped prediction starts above 0
