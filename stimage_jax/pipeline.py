@@ -138,6 +138,7 @@ def _parse_sources(backbone, embeddings, weights) -> list[dict]:
 
 
 AUGMENTATIONS = ("none", "default", "hed")
+_REQUEST_DEFAULTS = {"augment": "none", "augment_views": 0}  # request keys older runs lack
 
 
 def augment_config(name: str):
@@ -267,7 +268,8 @@ def train(data, workdir: str | os.PathLike, *, genes: str = "markers",
 
     req_file = workdir / "request.json"
     if req_file.exists():
-        old = json.loads(req_file.read_text())
+        # Keys added after a run was made mean what that run did: fill them in first.
+        old = {**_REQUEST_DEFAULTS, **json.loads(req_file.read_text())}
         if old != request:
             if not overwrite:
                 diff = sorted(k for k in set(old) | set(request) if old.get(k) != request.get(k))
