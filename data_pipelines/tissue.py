@@ -22,7 +22,7 @@ new AnnData and leaves its input untouched (the readers' ``adata[keep].copy()``)
 
 from __future__ import annotations
 
-import warnings
+import logging
 from pathlib import Path
 from typing import Literal
 
@@ -313,6 +313,7 @@ def filter_by_coverage(adata, min_coverage: float = DEFAULT_MIN_COVERAGE, **kw):
             where = ", ".join(f"{s}: {int(n)}" for s, n in per.items() if n)
         else:
             where = "all"
-        warnings.warn(f"{n_drop} of {adata.n_obs} spot(s) with < {min_coverage:g} tissue in their tile "
-                      f"dropped ({where})", stacklevel=2)
+        # A log line, not a warning: dropping glass tiles is the expected, reported outcome.
+        logging.getLogger("stimage").info("%d of %d spot(s) with < %g tissue in their tile dropped (%s)",
+                                          n_drop, adata.n_obs, min_coverage, where)
     return out

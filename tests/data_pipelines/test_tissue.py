@@ -1,5 +1,6 @@
 """Tissue mask and tile QC: a known disc of tissue, exact coverage references, filtering, HER2ST."""
 
+import logging
 import warnings
 
 import anndata as ad
@@ -201,15 +202,16 @@ def test_add_tissue_coverage_writes_obs(tmp_path):
     assert not got.is_view and TISSUE_COVERAGE in got.obs and TISSUE_COVERAGE not in a.obs
 
 
-def test_filter_drops_and_records_the_reason(tmp_path):
+def test_filter_drops_and_records_the_reason(tmp_path, caplog):
     img, _ = he_disc()
     path = write_rgb(tmp_path / "disc.png", img)
     xy = [[CX, CY], [60, 60], [CX + R, CY], [CX - 50, CY], [740, 540]]
     a = spots_adata(path, xy)
     a.uns[keys.STIMAGE_UNS][keys.DROPPED]["tissue_coverage<0.7"] = 2  # merged, not overwritten
     before = a.copy()
-    with pytest.warns(UserWarning, match=r"3 of 5 spot\(s\) with < 0.7 tissue in their tile dropped \(s: 3\)"):
+    with caplog.at_level(logging.INFO, logger="stimage"):
         out = filter_by_coverage(a)
+    assert "3 of 5 spot(s) with < 0.7 tissue in their tile dropped (s: 3)" in caplog.text
     assert list(out.obs_names) == ["s_0", "s_3"]
     assert out.obs[TISSUE_COVERAGE].tolist() == [1.0, 1.0] and out.obs[TISSUE_COVERAGE].dtype == np.float32
     assert out.uns[keys.STIMAGE_UNS][keys.DROPPED] == {"outside_image": 1, "tissue_coverage<0.7": 5}
