@@ -164,6 +164,13 @@ def summary_markdown(table: pd.DataFrame) -> str:
               "| held out | " + " | ".join(folds.columns) + " |", "| --- |" + " --- |" * len(folds.columns)]
     for f, row in folds.iterrows():
         lines.append(f"| {f} | " + " | ".join(f"{v:.3f}" for v in row) + " |")
+    from stimage_jax.metrics import top_genes
+
+    best = table["method"].iloc[0]
+    top = top_genes(table[table["method"] == best], n=10)
+    lines += ["", f"Most predictable genes ({best}, mean PCC over held-out samples):", "",
+              "| gene | mean PCC | worst sample | samples |", "| --- | --- | --- | --- |"]
+    lines += [f"| {r.gene} | {r.mean_pcc:.3f} | {r.min_pcc:.3f} | {r.samples} |" for r in top.itertuples()]
     return "\n".join(lines) + "\n"
 
 
