@@ -224,11 +224,20 @@ def cmd_explain(a) -> None:
         raise StimageError("give --data with --spot, or --tile")
     if a.data and not a.spot:
         raise StimageError("--data needs --spot ID (an obs name)")
-    model = load_model(a.model)
+    if str(a.model).endswith(".onnx"):
+        if a.method != "lime":
+            raise StimageError("saliency needs gradients: give the training workdir, not the .onnx file")
+        from export.predict import OnnxEnsemble
+
+        model = OnnxEnsemble(a.model)  # LIME is forward passes only: onnxruntime is faster on CPU
+    else:
+        model = load_model(a.model)
     if a.gene not in model.genes:
         raise StimageError(f"gene {a.gene!r} is not predicted by this model ({', '.join(model.genes[:5])}, ...)")
     if a.tile:
-        tile, name = read_tile(a.tile, model.config["tile_px"]), Path(a.tile).stem
+        from stimage_jax.explain.spot import tile_geometry_of
+
+        tile, name = read_tile(a.tile, tile_geometry_of(model)[1]), Path(a.tile).stem
     else:
         tile, name = spot_tile(read_h5ad(a.data), model, a.spot), a.spot
     if a.method == "saliency":

@@ -82,7 +82,10 @@ def explain_lime(model, tile: np.ndarray, gene: str, out_dir: str | os.PathLike,
     from stimage_jax.explain.saliency import gene_mean_fn
 
     fn = gene_mean_fn(model, gene)
-    mpp = float(model.config["tile_um"]) / float(model.config["tile_px"])
+    from stimage_jax.explain.spot import tile_geometry_of
+
+    um, px = tile_geometry_of(model)
+    mpp = um / px
     instances = np.asarray(segment_nuclei(tile, mpp=mpp), np.int32)
     ids = np.unique(instances[instances > 0])
     # LIME features: 0 = background, k = the k-th nucleus.

@@ -23,12 +23,18 @@ __all__ = ["smoothgrad", "gene_mean_fn"]
 def gene_mean_fn(model, gene: str) -> Callable:
     """tiles float (B, H, W, 3) → (B,) the ensemble's mean NB mean of ``gene`` (for a
     classification model: its probability of high expression)."""
+    from export.predict import OnnxEnsemble
     from export.to_onnx import graph_function
     from stimage_jax.classify import ClassifierModel
 
     if gene not in model.genes:
         raise StimageError(f"gene {gene!r} is not predicted by this model")
     g = model.genes.index(gene)
+    if isinstance(model, OnnxEnsemble):  # forward only (LIME): onnxruntime reads uint8 tiles
+        def onnx_fn(tiles):
+            t = np.clip(np.rint(np.asarray(tiles)), 0, 255).astype(np.uint8)
+            return model.params(t, batch_size=len(t))[0][:, :, g].mean(0)
+        return onnx_fn
     if isinstance(model, ClassifierModel):
         ref = model.ref
         mean, scale = jnp.asarray(ref.mean), jnp.asarray(ref.scale)

@@ -21,9 +21,15 @@ def spot_tile(adata, model, spot: str) -> np.ndarray:
     if spot not in adata.obs_names:
         raise StimageError(f"spot {spot!r} is not in the data ({adata.n_obs} spots, e.g. {adata.obs_names[0]})")
     one = adata[[spot]].copy()
-    cfg = model.config
-    return np.asarray(spot_tiles(one, tile_um=cfg["tile_um"], tile_px=cfg["tile_px"], progress=False,
-                                 stain=model.stain))[0]
+    um, px = tile_geometry_of(model)
+    return np.asarray(spot_tiles(one, tile_um=um, tile_px=px, progress=False, stain=model.stain))[0]
+
+
+def tile_geometry_of(model) -> tuple[float, int]:
+    """(tile_um, tile_px) of a JAX model (model.json) or an ONNX one (its metadata)."""
+    if hasattr(model, "config"):
+        return float(model.config["tile_um"]), int(model.config["tile_px"])
+    return float(model.tile_um), int(model.tile_px)
 
 
 def read_tile(path: str | os.PathLike, tile_px: int) -> np.ndarray:
