@@ -49,6 +49,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from data_pipelines.cell_patches import CELL_TYPES
 from data_pipelines.errors import StimageError
 from stimage_jax.features.efficientnet_lite import EfficientNetLite
 from stimage_jax.features.layers import ConvBN
@@ -61,8 +62,9 @@ __all__ = ["TYPE_NAMES", "STRIDE", "HoverOutput", "MultiScaleEncoder", "Decoder"
            "sobel_kernels", "hv_gradient", "xentropy_loss", "dice_loss", "mse_loss", "msge_loss",
            "LOSS_WEIGHTS", "hovernet_loss", "probabilities", "export_cells_onnx", "set_depthwise_impl"]
 
-# Default type classes (index = class id in TC maps and tables); 0 is background.
-TYPE_NAMES: tuple[str, ...] = ("background", "immune", "stromal", "cancer_epithelial", "endothelial")
+# Default type classes (index = class id in TC maps and tables); 0 is background. Defined
+# once, beside the type tables that use the same ids.
+TYPE_NAMES: tuple[str, ...] = CELL_TYPES
 STRIDE = 32  # the encoder's total downsampling: input sides must be multiples of it
 # The tiny preset's encoder: five stride-2 ConvBN (TinyCNN's widths), so strides 2..32 exist.
 TINY_ENCODER_WIDTHS = (8, 16, 16, 32, 32)
