@@ -276,20 +276,10 @@ def open_slide(path: str | Path, *, mpp: float | None = None, backend: str = "au
 
 
 def tissue_mask(thumb: np.ndarray) -> np.ndarray:
-    """Boolean tissue mask of an RGB thumbnail: Otsu on HSV saturation, then morphology.
+    """Boolean tissue mask of an RGB thumbnail (≤ 2048 px): :func:`data_pipelines.tissue.tissue_mask`."""
+    from data_pipelines.tissue import tissue_mask as qc_mask
 
-    Glass is bright and grey (low saturation); stained tissue is saturated. Opening removes
-    specks, closing fills gaps between nuclei.
-    """
-    sat = cv2.cvtColor(thumb, cv2.COLOR_RGB2HSV)[..., 1]
-    sat = cv2.GaussianBlur(sat, (5, 5), 0)
-    thr, mask = cv2.threshold(sat, 0, 255, cv2.THRESH_BINARY + cv2.THRESH_OTSU)
-    if thr < 15:  # no bimodality: an all-glass (or all-tissue) image would split on noise
-        mask = (sat > 25).astype(np.uint8) * 255
-    k = np.ones((5, 5), np.uint8)
-    mask = cv2.morphologyEx(mask, cv2.MORPH_OPEN, k)
-    mask = cv2.morphologyEx(mask, cv2.MORPH_CLOSE, k)
-    return mask > 0
+    return qc_mask(thumb, what="the slide thumbnail")[0]
 
 
 def slide_grid(slide: Slide, *, tile_um: float = 55.0, min_coverage: float = 0.7) -> tuple[np.ndarray, np.ndarray, float]:
@@ -297,10 +287,13 @@ def slide_grid(slide: Slide, *, tile_um: float = 55.0, min_coverage: float = 0.7
     crop_px = tile_um / slide.mpp
     if crop_px < 4:
         raise StimageError(f"tiles of {tile_um} µm are {crop_px:.1f} px at {slide.mpp} µm/px: too small")
-    thumb, scale = slide.thumbnail()
-    mask = tissue_mask(thumb)
-    if not mask.any():
-        raise StimageError(f"no tissue found in {slide.path}")
+    from data_pipelines.tissue import tissue_mask as qc_mask
+
+    thumb, _ = slide.thumbnail()
+    # The same mask as training's tile QC (data_pipelines.tissue), so a slide's tiles pass
+    # the same test as the spots the model learned from.
+    mask, _ = qc_mask(thumb, what=str(slide.path))
+    scale = mask.shape[1] / slide.width  # mask px per slide px
     nx, ny = int(slide.width // crop_px), int(slide.height // crop_px)
     if nx == 0 or ny == 0:
         raise StimageError(f"slide {slide.path} ({slide.width}x{slide.height} px) is smaller than one {tile_um} µm tile")

@@ -107,10 +107,12 @@ def cmd_predict(a) -> int | None:
         from stimage_jax.pipeline import provenance
 
         cfg = model.config
-        pred, maps = slide_to_files(a.slide, lambda t: model.member_params(t, batch_size=len(t), progress=False),
+        # batch_size, not len(t): extract_features pads a short last batch, so one compile
+        pred, maps = slide_to_files(a.slide, lambda t: model.member_params(t, batch_size=a.batch_size,
+                                                                             progress=False),
                                     model.genes, {**provenance(cfg), "runtime": "jax"}, a.out,
                                     tile_um=cfg["tile_um"], tile_px=cfg["tile_px"], mpp=a.mpp,
-                                    heatmap_genes=_csv(a.genes), min_coverage=a.min_coverage,
+                                    heatmap_genes=_csv(a.genes) if a.genes else [], min_coverage=a.min_coverage,
                                     batch_size=a.batch_size, overwrite=a.overwrite, progress=not a.quiet,
                                     stain=model.stain)
         for p in maps:

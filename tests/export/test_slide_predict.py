@@ -34,3 +34,17 @@ def test_slide_prediction_jax_equals_onnx(synthetic_study, make_slide, tmp_path,
     assert main(["predict", "--model", str(wd), "--slide", str(tmp_path / "s.tif"), "--genes", "NOPE",
                  "--out", str(tmp_path / "x.h5ad")]) == 2
     assert "NOPE" in capsys.readouterr().err and not (tmp_path / "x.h5ad").exists()
+
+
+def test_slide_prediction_without_heatmap_genes(synthetic_study, make_slide, tmp_path, capsys):
+    from stimage_jax.cli import main
+
+    wd = tmp_path / "wd"
+    assert main(["train", "--quiet", "--data", str(synthetic_study[0]), str(synthetic_study[1]), "--workdir", str(wd),
+                 "--backbone", "tiny", "--tile-px", "32", "--max-epochs", "1", "--genes", "A,B",
+                 "--min-coverage", "0"]) == 0
+    make_slide(tmp_path / "s.tif", mpp=1.0)
+    slide = tmp_path / "s.tif"
+    out = tmp_path / "s.h5ad"
+    assert main(["predict", "--quiet", "--model", str(wd), "--slide", str(slide), "--out", str(out)]) == 0
+    assert out.exists() and not list(tmp_path.glob("s_*.png"))  # no --genes: no heatmaps, no crash
