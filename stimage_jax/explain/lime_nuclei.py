@@ -79,9 +79,9 @@ def explain_lime(model, tile: np.ndarray, gene: str, out_dir: str | os.PathLike,
     from skimage.measure import regionprops
 
     from stimage_jax.cells.nuclei import segment_nuclei
-    from stimage_jax.explain.saliency import gene_mean_fn
+    from stimage_jax.explain.saliency import gene_forward_fn
 
-    fn = gene_mean_fn(model, gene)
+    fn = gene_forward_fn(model, gene)
     from stimage_jax.explain.spot import tile_geometry_of
 
     um, px = tile_geometry_of(model)
@@ -92,7 +92,8 @@ def explain_lime(model, tile: np.ndarray, gene: str, out_dir: str | os.PathLike,
     segments = np.zeros(instances.shape, np.int32)
     for k, i in enumerate(ids, start=1):
         segments[instances == i] = k
-    value = float(np.asarray(fn(np.asarray(tile, np.float32)[None]))[0])
+    # through the same padded batch shape as the perturbations: no second compilation
+    value = float(np.asarray(fn(np.repeat(np.asarray(tile, np.float32)[None], batch_size, 0)))[0])
     note = ""
     if len(ids) == 0:
         note = "no nuclei found: the background alone is explained; "

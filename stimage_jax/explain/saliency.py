@@ -17,12 +17,35 @@ import numpy as np
 
 from data_pipelines.errors import StimageError
 
-__all__ = ["smoothgrad", "gene_mean_fn"]
+__all__ = ["smoothgrad", "gene_mean_fn", "gene_forward_fn"]
+
+
+def gene_forward_fn(model, gene: str) -> Callable:
+    """Forward only (LIME): tiles (B, H, W, 3), rounded to uint8 as a tile file would be →
+    (B,) NumPy outputs, through the model's compiled batch path (or onnxruntime)."""
+    from export.predict import OnnxEnsemble
+    from stimage_jax.classify import ClassifierModel
+
+    if isinstance(model, OnnxEnsemble):
+        return gene_mean_fn(model, gene)
+    if gene not in model.genes:
+        raise StimageError(f"gene {gene!r} is not predicted by this model")
+    g = model.genes.index(gene)
+
+    def fn(tiles):
+        t = np.clip(np.rint(np.asarray(tiles)), 0, 255).astype(np.uint8)
+        if isinstance(model, ClassifierModel):
+            return model.p_high(t, batch_size=len(t))[:, g]
+        if model.embedding_sources():
+            raise StimageError("LIME needs a model that reads tiles; this one reads precomputed embeddings")
+        return np.asarray(model.member_params(t, batch_size=len(t), progress=False)[0])[:, :, g].mean(0)
+    return fn
 
 
 def gene_mean_fn(model, gene: str) -> Callable:
     """tiles float (B, H, W, 3) → (B,) the ensemble's mean NB mean of ``gene`` (for a
-    classification model: its probability of high expression)."""
+    classification model: its probability of high expression). Differentiable (JAX
+    models), traced op by op unless the caller jits it."""
     from export.predict import OnnxEnsemble
     from export.to_onnx import graph_function
     from stimage_jax.classify import ClassifierModel

@@ -79,7 +79,7 @@ def explain_saliency(model, tile: np.ndarray, gene: str, out_dir: str | os.PathL
 
     fn = gene_mean_fn(model, gene)
     sal = smoothgrad(fn, tile, key=jax.random.key(seed), n_samples=n_samples)
-    mean = float(fn(np.asarray(tile, np.float32)[None])[0])
+    mean = float(jax.jit(fn)(np.asarray(tile, np.float32)[None])[0])
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     png = write_overlay(tile, sal, out / f"{name}_{gene}_saliency.png",

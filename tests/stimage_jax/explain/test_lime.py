@@ -59,16 +59,16 @@ def test_explain_lime_through_onnx_matches_jax(synthetic_study, tmp_path):
     # The same LIME fit through either runtime (synthetic discs are not nuclei: use quadrants)
     from export.predict import OnnxEnsemble
     from stimage_jax.ensemble.model import EnsembleModel
-    from stimage_jax.explain.saliency import gene_mean_fn
+    from stimage_jax.explain.saliency import gene_forward_fn
     from stimage_jax.explain.spot import spot_tile
 
     jm, om = EnsembleModel.load(wd), OnnxEnsemble(tmp_path / "m.onnx")
     tile = spot_tile(ad.read_h5ad(synthetic_study[2]), jm, spot)
     segments = np.zeros((32, 32), np.int32)
     segments[:16, 16:], segments[16:, :16], segments[16:, 16:] = 1, 2, 3
-    wj, _, _ = lime_weights(gene_mean_fn(jm, "A"), tile, segments, num_samples=200, batch_size=50)
-    wo, _, _ = lime_weights(gene_mean_fn(om, "A"), tile, segments, num_samples=200, batch_size=50)
+    wj, _, _ = lime_weights(gene_forward_fn(jm, "A"), tile, segments, num_samples=200, batch_size=50)
+    wo, _, _ = lime_weights(gene_forward_fn(om, "A"), tile, segments, num_samples=200, batch_size=50)
     scale = max(abs(v) for v in wj.values())
     assert scale > 0
-    for k in range(4):  # ONNX reads the perturbed tiles rounded to uint8
-        assert abs(wo[k] - wj[k]) < 0.05 * scale, (wo, wj)
+    for k in range(4):  # both runtimes read the same uint8 tiles: the same fit up to float rounding
+        assert abs(wo[k] - wj[k]) < 1e-3 * scale, (wo, wj)
