@@ -2,7 +2,8 @@
 
 - ``lime_s_per_explanation``: LIME over nuclei with ``--samples`` (default 1000)
   perturbations through a 1-member EfficientNet-Lite0 model at 299 px (wall time per
-  explanation, after one warm-up explanation that compiles);
+  explanation, after one warm-up explanation that compiles); ``..._onnx`` the same
+  through the exported model in onnxruntime (``stimage explain --model M.onnx``);
 - ``nuclei_dice``, ``nuclei_aji``: the default nucleus segmentation on MoNuSeg test tiles
   (as ``experiments/benchmarks/nuclei.py``, first ``--monuseg-tiles`` tiles);
 - the real-data check: on HER2ST C6, explain the ``--spots`` spots with the highest
@@ -48,6 +49,7 @@ def main() -> None:
     ap.add_argument("--samples", type=int, default=1000)
     ap.add_argument("--spots", type=int, default=6, help="spots explained per marker")
     ap.add_argument("--monuseg-tiles", type=int, default=14)
+    ap.add_argument("--onnx-spots", type=int, default=2, help="explanations also timed through onnxruntime")
     args = ap.parse_args()
     wd = Path(args.workdir)
     out: dict = {"benchmark": "explain", "samples": args.samples}
@@ -82,6 +84,25 @@ def main() -> None:
             _log(gene=gene, spot=spot, nuclei=res["n_nuclei"], positive=int((tab["weight"] > 0).sum()),
                  seconds=round(times[-1], 1), r2=round(res["score"], 3))
     out["lime_s_per_explanation"] = round(float(np.median(times)), 2)
+    if args.onnx_spots:
+        # The same explanations through onnxruntime (LIME needs forward passes only).
+        from export.predict import OnnxEnsemble
+        from export.to_onnx import export_onnx
+
+        onx_path = wd / "model.onnx"
+        if not onx_path.exists():
+            export_onnx(model, onx_path)
+        onx = OnnxEnsemble(onx_path)
+        g = list(pred.var_names).index("FASN")
+        t_onnx = []
+        for i in np.argsort(-np.asarray(pred.X)[:, g])[:args.onnx_spots]:
+            spot = c6.obs_names[i]
+            tile = spot_tile(c6, model, spot)
+            t = time.perf_counter()
+            explain_lime(onx, tile, "FASN", wd / "lime_onnx", name=spot, num_samples=args.samples)
+            t_onnx.append(time.perf_counter() - t)
+            _log(runtime="onnx", spot=spot, seconds=round(t_onnx[-1], 1))
+        out["lime_s_per_explanation_onnx"] = round(float(np.median(t_onnx)), 2)
     from scipy.stats import mannwhitneyu
 
     a, b = np.asarray(areas["FASN"]), np.asarray(areas["CD74"])
