@@ -441,6 +441,10 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--seed", type=int, default=0)
     b.set_defaults(func=cmd_benchmark)
 
+    from stimage_jax.cells.cli import add_cells_parser
+
+    add_cells_parser(sub, parents=(common,))
+
     q = sub.add_parser("quickstart", parents=[common], help="the main job on the shipped HER2ST data")
     q.add_argument("--shared", default=str(shared_dir()), help="the shared/ data folder")
     q.add_argument("--workdir", default="runs/quickstart")

@@ -199,3 +199,21 @@ def test_evaluate_uncertainty_unknown_gene_is_one_line_before_writing(synthetic_
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("stimage: error:") and "NOTAGENE" in err[0], err
     assert not out.exists()
+
+
+def test_cells_commands_are_wired_into_stimage(tmp_path, capsys):
+    import cv2
+
+    inst = np.zeros((32, 32), np.uint16)
+    inst[4:12, 4:12], inst[20:28, 18:26] = 1, 2
+    cv2.imwrite(str(tmp_path / "t.png"), inst)
+    assert main(["cells", "evaluate", "--pred", str(tmp_path / "t.png"), "--truth", str(tmp_path / "t.png"),
+                 "--out", str(tmp_path / "m.json")]) == 0
+    import json
+
+    m = json.loads((tmp_path / "m.json").read_text())
+    assert m["dice"] == 1.0 and m["aji"] == 1.0 and m["pq"] == 1.0
+    assert main(["cells", "evaluate", "--pred", str(tmp_path / "missing.png"), "--truth", str(tmp_path / "t.png"),
+                 "--out", str(tmp_path / "m2.json")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "missing.png" in err[0], err
