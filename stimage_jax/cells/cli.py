@@ -49,7 +49,7 @@ def cmd_cells_train(a) -> int:
     steps = a.steps if a.steps is not None else (10**9 if a.minutes is not None else 2000)
     cfg = CellTrainConfig(backbone=a.backbone, weights=None if a.weights == "none" else a.weights,
                           num_types=a.num_types, patch_size=a.patch_size, stride=a.stride, min_nuclei=a.min_nuclei,
-                          batch_size=a.batch_size, lr=a.lr, steps=steps, minutes=a.minutes,
+                          batch_size=a.batch_size, lr=a.lr, encoder_lr_scale=a.encoder_lr_scale, steps=steps, minutes=a.minutes,
                           checkpoint_every=a.checkpoint_every, frozen_levels=a.frozen_levels, augment=a.augment,
                           seed=a.seed)
     if a.backbone == "tiny" and a.weights == "default":
@@ -206,6 +206,8 @@ def add_cells_parser(subparsers, parents: tuple = ()) -> argparse.ArgumentParser
     t.add_argument("--steps", type=int, help="maximum steps (default 2000, unlimited with --minutes)")
     t.add_argument("--batch-size", type=int, default=4)
     t.add_argument("--lr", type=float, default=1e-4)
+    t.add_argument("--encoder-lr-scale", type=float, default=1.0,
+                   help="encoder learning rate = --lr × this (e.g. 0.1: fast new decoders, gentle pretrained encoder)")
     t.add_argument("--patch-size", type=int, default=256)
     t.add_argument("--stride", type=int, default=128, help="patch grid stride (px)")
     t.add_argument("--min-nuclei", type=int, default=2, help="patches with fewer nuclei are dropped")

@@ -204,3 +204,22 @@ def test_resume_equals_an_uninterrupted_run_and_budgets_stop(folder, trained, tm
     short = train_cells(folder, tmp_path / "short", dataclasses.replace(cfg, steps=1000, minutes=0.0001),
                         progress=False)
     assert short.config["steps"] == 1
+
+
+def test_windowed_prediction_stitches_exactly(trained, monkeypatch):
+    # A per-pixel stand-in for the network: stitched windows must equal one whole-image pass.
+    from stimage_jax.cells.train import CellModel
+
+    def per_pixel(self, rgb):
+        x = rgb.astype(np.float32) / 255.0
+        return x[..., 0], x[..., 1:], np.repeat(x[..., :1], 5, axis=-1)
+
+    monkeypatch.setattr(CellModel, "_run_padded", per_pixel)
+    model = CellModel.load(trained)
+    rgb = np.random.default_rng(0).integers(0, 256, (300, 230, 3), dtype=np.uint8)
+    whole = model.predict_maps(rgb, window=320)
+    tiled = model.predict_maps(rgb, window=96, margin=16)
+    for a, b in zip(whole, tiled):
+        np.testing.assert_array_equal(a, b)
+    with pytest.raises(StimageError, match="multiple of 32"):
+        model.predict_maps(rgb, window=100)
