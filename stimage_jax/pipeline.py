@@ -404,7 +404,14 @@ def predict(adata: ad.AnnData, model: EnsembleModel, *, batch_size: int = 32,
         raise StimageError(f"tiles have shape {tiles.shape[1:]}, the model expects "
                            f"({cfg['tile_px']}, {cfg['tile_px']}, 3)")
     mu, r = model.member_params(tiles, batch_size=batch_size, progress=progress, features=features or None)
-    return build_prediction(adata, mu, r, cfg["genes"], provenance(cfg), interval=interval)
+    out = build_prediction(adata, mu, r, cfg["genes"], provenance(cfg), interval=interval)
+    if tiles is not None and keys.TISSUE_COVERAGE not in out.obs:
+        # Record each spot's tile QC (training dropped tiles under cfg["min_coverage"]):
+        # predictions on mostly-glass tiles are extrapolations a user may want to mask.
+        from data_pipelines.tissue import spot_tissue_coverage
+
+        out.obs[keys.TISSUE_COVERAGE] = spot_tissue_coverage(adata, tile_um=cfg["tile_um"], tile_px=cfg["tile_px"])
+    return out
 
 
 def provenance(cfg: dict) -> dict:

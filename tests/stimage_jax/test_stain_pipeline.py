@@ -102,3 +102,9 @@ def test_training_leaves_out_low_coverage_tiles(her2st_small, tmp_path):
         expected[s] = int((cov < 0.7).sum())
     assert cfg["min_coverage"] == 0.7 and cfg["dropped_low_coverage"] == expected
     assert 0 < expected["C2"] < 0.15 * 187  # a few edge spots, never most of the section
+    # predictions record every spot's coverage, so low-coverage spots can be masked
+    pred = tmp_path / "p.h5ad"
+    assert main(["predict", "--quiet", "--model", str(wd), "--data", str(her2st_small[2]), "--out", str(pred)]) == 0
+    c4 = ad.read_h5ad(her2st_small[2])
+    np.testing.assert_allclose(ad.read_h5ad(pred).obs["tissue_coverage"],
+                               spot_tissue_coverage(c4, tile_um=cfg["tile_um"], tile_px=32), rtol=1e-6)
