@@ -233,7 +233,8 @@ def assign_types(instances: np.ndarray, table: pd.DataFrame, *, matrix: np.ndarr
     lut[0] = 0
     conflicts = 0
     if inside.any():
-        votes = np.bincount(ids[inside] * n_types + types[inside], minlength=(top + 1) * n_types).reshape(top + 1, n_types)
+        votes = np.bincount(ids[inside] * n_types + types[inside], minlength=(top + 1) * n_types)
+        votes = votes.reshape(top + 1, n_types)
         has = votes.sum(1) > 0
         lut[has] = votes[has].argmax(1)  # ties: the lowest class id
         conflicts = int(np.sum((votes > 0).sum(1) > 1))

@@ -49,8 +49,8 @@ def cmd_cells_train(a) -> int:
     steps = a.steps if a.steps is not None else (10**9 if a.minutes is not None else 2000)
     cfg = CellTrainConfig(backbone=a.backbone, weights=None if a.weights == "none" else a.weights,
                           num_types=a.num_types, patch_size=a.patch_size, stride=a.stride, min_nuclei=a.min_nuclei,
-                          batch_size=a.batch_size, lr=a.lr, encoder_lr_scale=a.encoder_lr_scale, steps=steps, minutes=a.minutes,
-                          checkpoint_every=a.checkpoint_every, frozen_levels=a.frozen_levels, augment=a.augment,
+                          batch_size=a.batch_size, lr=a.lr, encoder_lr_scale=a.encoder_lr_scale, steps=steps,
+                          minutes=a.minutes, checkpoint_every=a.checkpoint_every, frozen_levels=a.frozen_levels, augment=a.augment,
                           seed=a.seed)
     if a.backbone == "tiny" and a.weights == "default":
         cfg = dataclasses.replace(cfg, weights=None)  # no pretrained tiny encoder exists

@@ -135,7 +135,8 @@ def test_evaluate_scores_a_perfect_prediction_and_xml_truth(folder, tmp_path):
     xml = tmp_path / "truth.xml"
     xml.write_text(f"<Annotations><Annotation><Regions>{''.join(regions)}</Regions></Annotation></Annotations>")
     np.save(tmp_path / "sq.npy", sq)
-    assert run("evaluate", "--pred", str(tmp_path / "sq.npy"), "--truth", str(xml), "--out", str(tmp_path / "x.json")) == 0
+    assert run("evaluate", "--pred", str(tmp_path / "sq.npy"), "--truth", str(xml),
+               "--out", str(tmp_path / "x.json")) == 0
     res = json.loads((tmp_path / "x.json").read_text())
     assert res["aji"] == 1.0 and res["n_true"] == 3 and "types" not in res
 
@@ -150,7 +151,8 @@ def test_bad_input_is_one_line(folder, tmp_path):
     outside = tmp_path / "outside.csv"
     pd.DataFrame({"x": [10.0, 500.0], "y": [10.0, 5.0], "type": [1, 2]}).to_csv(outside, index=False)
     pd.DataFrame({"id": [1], "x": [1.0], "y": [1.0], "type": [1]}).to_csv(tmp_path / "p_types.csv", index=False)
-    cases = [(["evaluate", "--pred", str(pred), "--truth", str(empty), "--out", str(tmp_path / "a.json")], "no <Region>"),
+    cases = [(["evaluate", "--pred", str(pred), "--truth", str(empty), "--out", str(tmp_path / "a.json")],
+              "no <Region>"),
              (["evaluate", "--pred", str(pred), "--truth", str(small), "--out", str(tmp_path / "b.json")], "128×100"),
              (["evaluate", "--pred", str(pred), "--truth", str(folder / "t0_instances.png"), "--truth-types",
                str(outside), "--out", str(tmp_path / "c.json")], "outside the 128×128 image"),

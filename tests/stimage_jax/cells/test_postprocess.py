@@ -99,7 +99,8 @@ def test_nucleus_types_majority_probabilities_and_background_rule():
     np.testing.assert_array_equal(t.types, [0, 2, 3])
     np.testing.assert_allclose(t.type_prob, [1.0, 12 / 20, 4 / 12])
     np.testing.assert_array_equal(t.area, [8, 20, 12])
-    np.testing.assert_allclose(t.mean_probs[1], (12 * np.array([0.1, 0.2, 0.6, 0.1]) + 8 * np.array([0.1, 0.5, 0.3, 0.1])) / 20)
+    expect = (12 * np.array([0.1, 0.2, 0.6, 0.1]) + 8 * np.array([0.1, 0.5, 0.3, 0.1])) / 20
+    np.testing.assert_allclose(t.mean_probs[1], expect)
     np.testing.assert_allclose(t.mean_probs.sum(1), 1.0)
     empty = nucleus_types(np.zeros((3, 3), np.int32), np.full((3, 3, 2), 0.5))
     assert len(empty.ids) == 0 and empty.mean_probs.shape == (0, 2)
