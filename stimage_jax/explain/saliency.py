@@ -20,6 +20,11 @@ from data_pipelines.errors import StimageError
 __all__ = ["smoothgrad", "gene_mean_fn", "gene_forward_fn"]
 
 
+def _as_uint8(tiles) -> np.ndarray:
+    t = np.asarray(tiles)
+    return t if t.dtype == np.uint8 else np.clip(np.rint(t), 0, 255).astype(np.uint8)
+
+
 def gene_forward_fn(model, gene: str) -> Callable:
     """Forward only (LIME): tiles (B, H, W, 3), rounded to uint8 as a tile file would be →
     (B,) NumPy outputs, through the model's compiled batch path (or onnxruntime)."""
@@ -33,7 +38,7 @@ def gene_forward_fn(model, gene: str) -> Callable:
     g = model.genes.index(gene)
 
     def fn(tiles):
-        t = np.clip(np.rint(np.asarray(tiles)), 0, 255).astype(np.uint8)
+        t = _as_uint8(tiles)
         if isinstance(model, ClassifierModel):
             return model.p_high(t, batch_size=len(t))[:, g]
         if model.embedding_sources():
@@ -55,7 +60,7 @@ def gene_mean_fn(model, gene: str) -> Callable:
     g = model.genes.index(gene)
     if isinstance(model, OnnxEnsemble):  # forward only (LIME): onnxruntime reads uint8 tiles
         def onnx_fn(tiles):
-            t = np.clip(np.rint(np.asarray(tiles)), 0, 255).astype(np.uint8)
+            t = _as_uint8(tiles)
             return model.params(t, batch_size=len(t))[0][:, :, g].mean(0)
         return onnx_fn
     if isinstance(model, ClassifierModel):
