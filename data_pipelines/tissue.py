@@ -37,7 +37,6 @@ from data_pipelines.tiles import load_image, sample_image_path, tile_geometry
 __all__ = ["TISSUE_COVERAGE", "DEFAULT_MIN_COVERAGE", "tissue_mask", "square_coverage",
            "spot_tissue_coverage", "add_tissue_coverage", "filter_by_coverage"]
 
-# TODO(keys.py): belongs next to TILE_BORDER_FRAC in data_pipelines/keys.py (not owned here).
 TISSUE_COVERAGE = keys.TISSUE_COVERAGE  # obs: fraction (0..1) of a spot's tile square that is tissue
 DEFAULT_MIN_COVERAGE = 0.7
 

@@ -249,8 +249,8 @@ def open_slide(path: str | Path, *, mpp: float | None = None, backend: str = "au
         raise StimageError(f"slide {path} not found")
     suffix = path.suffix.lower()
     opened = None  # (reader, width, height, mpp found in the slide or None)
-    if suffix in _PLAIN:
-        pass  # decoded whole below, whatever the backend
+    if suffix in _PLAIN:  # JPEG/PNG: decoded whole below, whatever the backend
+        opened = None
     elif backend == "openslide" or (backend == "auto" and suffix in _OPENSLIDE_ONLY):
         if backend == "auto" and _import_openslide(False) is None:
             raise StimageError(f"slide {path}: {suffix} files are read through OpenSlide; {_WSI_EXTRA}")

@@ -358,8 +358,7 @@ def her2st_crops(her2st_root) -> np.ndarray:
     """Eight 299-px crops centred on HER2ST section C2 spots (full-resolution H&E JPEG)."""
     imgs = her2st_root / "data" / "ST-imgs" / "C" / "C2"
     jpgs = sorted(imgs.glob("*.jpg"))
-    if not jpgs:
-        pytest.skip(f"no HER2ST C2 image under {imgs}")
+    assert jpgs, f"no HER2ST C2 image under {imgs}"
     img = cv2.cvtColor(cv2.imread(str(jpgs[0])), cv2.COLOR_BGR2RGB)
     spots = np.loadtxt(her2st_root / "data" / "ST-spotfiles" / "C2_selection.tsv", skiprows=1, usecols=(4, 5))
     out = []
