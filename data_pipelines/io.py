@@ -8,13 +8,14 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
 from data_pipelines.errors import StimageError
 
-__all__ = ["atomic_path", "check_writable", "write_h5ad"]
+__all__ = ["atomic_path", "atomic_dir", "check_writable", "write_h5ad"]
 
 
 def check_writable(path: str | os.PathLike, overwrite: bool) -> Path:
@@ -46,3 +47,21 @@ def write_h5ad(adata, path: str | os.PathLike, overwrite: bool = False) -> Path:
     with atomic_path(path, overwrite=overwrite) as tmp:
         adata.write_h5ad(tmp, compression="gzip")
     return Path(path)
+
+
+@contextlib.contextmanager
+def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
+    """Build a folder in a temporary sibling (``<name>.tmp``), then swap it onto ``path``
+    (an existing folder there is replaced); on error the temporary folder is removed."""
+    path = Path(path).absolute()
+    tmp = path.with_name(path.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if path.exists():
+        shutil.rmtree(path)
+    os.replace(tmp, path)

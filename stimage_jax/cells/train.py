@@ -50,6 +50,7 @@ from tqdm.auto import tqdm
 from data_pipelines.cell_patches import (CELL_TYPES, CellPatches, augment_pairs, extract_patches, list_cell_tiles,
                                          load_cell_tile, patch_targets)
 from data_pipelines.errors import StimageError
+from data_pipelines.io import atomic_dir
 from stimage_jax.cells.hovernet import (PRESETS, STRIDE, HoVerNet, create_hovernet, hovernet_loss, probabilities)
 from stimage_jax.cells.postprocess import (NucleusTypes, PostprocessParams, instances_from_np_hv, nucleus_types,
                                            type_entropy)
@@ -218,16 +219,11 @@ class CellModel:
     def save(self, model_dir: str | os.PathLike) -> Path:
         """Write atomically: a temporary sibling folder renamed onto ``model_dir``."""
         model_dir = Path(model_dir).absolute()
-        tmp = model_dir.with_name(model_dir.name + ".tmp")
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-        ckptr = ocp.StandardCheckpointer()
-        ckptr.save(tmp / "params", _host(nnx.to_pure_dict(nnx.state(self.net))))
-        ckptr.wait_until_finished()
-        (tmp / "model.json").write_text(json.dumps(self.config, indent=1))
-        if model_dir.exists():
-            shutil.rmtree(model_dir)
-        os.replace(tmp, model_dir)
+        with atomic_dir(model_dir) as tmp:
+            ckptr = ocp.StandardCheckpointer()
+            ckptr.save(tmp / "params", _host(nnx.to_pure_dict(nnx.state(self.net))))
+            ckptr.wait_until_finished()
+            (tmp / "model.json").write_text(json.dumps(self.config, indent=1))
         return model_dir
 
     @classmethod

@@ -16,7 +16,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import shutil
 from pathlib import Path
 
 import jax
@@ -26,6 +25,7 @@ import orbax.checkpoint as ocp
 from flax import nnx
 
 from data_pipelines.errors import StimageError
+from data_pipelines.io import atomic_dir
 from stimage_jax.features.registry import create_backbone
 from stimage_jax.nb.distribution import params_from_logits
 from stimage_jax.nb.head import NBHead
@@ -132,20 +132,16 @@ class EnsembleModel:
     def save(self, model_dir: str | os.PathLike) -> Path:
         """Write atomically: a temporary sibling folder renamed onto ``model_dir``."""
         model_dir = Path(model_dir).absolute()
-        tmp = model_dir.with_name(model_dir.name + ".tmp")
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-        ckptr = ocp.StandardCheckpointer()
-        for name, bb in self.backbones.items():
-            ckptr.save(tmp / f"backbone_{name}", _host(nnx.to_pure_dict(nnx.state(bb))))
-        for src in self.sources:
-            group = [m for m, s in zip(self.members, self.member_sources) if s == src["name"]]
-            ckptr.save(tmp / f"members_{src['name']}", _stack([_host(nnx.to_pure_dict(nnx.state(m))) for m in group]))
-        ckptr.wait_until_finished()
-        (tmp / "model.json").write_text(json.dumps(self.config, indent=1))
-        if model_dir.exists():
-            shutil.rmtree(model_dir)
-        os.replace(tmp, model_dir)
+        with atomic_dir(model_dir) as tmp:
+            ckptr = ocp.StandardCheckpointer()
+            for name, bb in self.backbones.items():
+                ckptr.save(tmp / f"backbone_{name}", _host(nnx.to_pure_dict(nnx.state(bb))))
+            for src in self.sources:
+                group = [m for m, s in zip(self.members, self.member_sources) if s == src["name"]]
+                ckptr.save(tmp / f"members_{src['name']}",
+                           _stack([_host(nnx.to_pure_dict(nnx.state(m))) for m in group]))
+            ckptr.wait_until_finished()
+            (tmp / "model.json").write_text(json.dumps(self.config, indent=1))
         return model_dir
 
     @classmethod
