@@ -24,8 +24,7 @@ import jax
 import numpy as np
 from flax import nnx
 
-from data_pipelines.io import write_h5ad
-from data_pipelines.slides import read_h5ad, read_her2st
+from data_pipelines.slides import read_h5ad
 from stimage_jax.baselines import apply_ridge, fit_ridge
 from stimage_jax.ensemble.train import TrainConfig, fit_member
 from stimage_jax.features.extract import extract_features, weights_fingerprint
@@ -34,6 +33,8 @@ from stimage_jax.genes import select_genes
 from stimage_jax.metrics import pearson_per_gene
 from stimage_jax.nb.head import NBHead, init_head_from_data
 from stimage_jax.pipeline import counts_matrix, predict, sample_features, train
+
+from _common import her2st_paths  # noqa: E402  (this directory is on sys.path)
 
 SECTIONS = ["C2", "C3", "C4", "C5", "C6"]
 
@@ -63,12 +64,7 @@ def main() -> None:
     out["features_tiles_per_s"] = {b: round(forward_speed(b, args.speed_tiles), 2)
                                    for b in ("efficientnet_lite0", "resnet50")}
 
-    paths = {}
-    for s in SECTIONS:
-        p = wd / "data" / f"{s}.h5ad"
-        if not p.exists():
-            write_h5ad(read_her2st(Path(args.shared) / "data" / "her2st", s, require_image=True), p)
-        paths[s] = p
+    paths = her2st_paths(args.shared, wd, SECTIONS)
     adatas = {s: read_h5ad(p) for s, p in paths.items()}
     weights = DEFAULT_WEIGHTS["efficientnet_lite0"]
     bb = create_backbone("efficientnet_lite0", rngs=nnx.Rngs(0), weights=weights)

@@ -28,8 +28,7 @@ import jax
 import numpy as np
 from flax import nnx
 
-from data_pipelines.io import write_h5ad
-from data_pipelines.slides import read_h5ad, read_her2st
+from data_pipelines.slides import read_h5ad
 from data_pipelines.stain_normalisation import fit_stain
 from data_pipelines.tiles import load_image, lowres_view, sample_image_path, stain_tag
 from export.moments import mixture_logpmf, predictive_interval
@@ -42,6 +41,8 @@ from stimage_jax.metrics import pearson_per_gene
 from stimage_jax.nb.head import NBHead, init_head_from_data
 from stimage_jax.pipeline import counts_matrix, sample_features, train
 from stimage_jax.uncertainty_metrics import nb_mixture_crps_per_gene, pit_coverage
+
+from _common import her2st_paths  # noqa: E402  (this directory is on sys.path)
 
 SECTIONS = ["C2", "C3", "C4", "C5", "C6"]
 
@@ -131,12 +132,7 @@ def main() -> None:
             out[f"{kind}_vmap_over_loop_e10"] = round(r[(10, "vmap")] / r[(10, "loop")], 2)
             out[f"{kind}_e10_over_e1_vmap"] = round(r[(10, "vmap")] / r[(1, "vmap")], 2)
 
-    paths = {}
-    for s in SECTIONS:
-        p = wd / "data" / f"{s}.h5ad"
-        if not p.exists():
-            write_h5ad(read_her2st(Path(args.shared) / "data" / "her2st", s, require_image=True), p)
-        paths[s] = p
+    paths = her2st_paths(args.shared, wd, SECTIONS)
     adatas = {s: read_h5ad(p) for s, p in paths.items()}
     weights = DEFAULT_WEIGHTS["efficientnet_lite0"]
     bb = create_backbone("efficientnet_lite0", rngs=nnx.Rngs(0), weights=weights)

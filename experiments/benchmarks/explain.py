@@ -27,12 +27,13 @@ from pathlib import Path
 
 import numpy as np
 
-from data_pipelines.io import write_h5ad
-from data_pipelines.slides import read_h5ad, read_her2st
+from data_pipelines.slides import read_h5ad
 from stimage_jax.ensemble.train import TrainConfig
 from stimage_jax.explain.lime_nuclei import explain_lime
 from stimage_jax.explain.spot import spot_tile
 from stimage_jax.pipeline import predict, train
+
+from _common import her2st_paths  # noqa: E402  (this directory is on sys.path)
 
 SECTIONS = ["C2", "C3", "C4", "C5", "C6"]
 
@@ -54,12 +55,7 @@ def main() -> None:
     wd = Path(args.workdir)
     out: dict = {"benchmark": "explain", "samples": args.samples}
 
-    paths = {}
-    for s in SECTIONS:
-        p = wd / "data" / f"{s}.h5ad"
-        if not p.exists():
-            write_h5ad(read_her2st(Path(args.shared) / "data" / "her2st", s, require_image=True), p)
-        paths[s] = p
+    paths = her2st_paths(args.shared, wd, SECTIONS)
     model = train([paths[s] for s in SECTIONS[:4]], wd / "model", genes="markers", backbone="efficientnet_lite0",
                   members=1, config=TrainConfig(lr=1e-4, max_epochs=200), progress=False)
     c6 = read_h5ad(paths["C6"])

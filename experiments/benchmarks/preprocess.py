@@ -67,6 +67,9 @@ from data_pipelines.slides import read_her2st
 from data_pipelines.stain_normalisation import apply_stain, fit_source, fit_stain
 from data_pipelines.tiles import load_image, lowres_view, sample_image_path, spot_tiles
 
+from _common import timed  # noqa: E402  (this directory is on sys.path)
+from stain import staintools_ms  # noqa: E402
+
 REPO = Path(__file__).resolve().parents[2]
 TRAIN = ["C2", "C3"]
 SLIDE_MPP = 0.5
@@ -97,17 +100,6 @@ def log(*a) -> None:
     print(*a, file=sys.stderr, flush=True)
 
 
-def timed(f, reps: int) -> float:
-    """Best of ``reps`` wall times after one warm-up call."""
-    f()
-    best = float("inf")
-    for _ in range(reps):
-        t = time.perf_counter()
-        f()
-        best = min(best, time.perf_counter() - t)
-    return best
-
-
 # ---------------------------------------------------------------- stain normalisation
 def stain_speed(adatas: dict, n_tiles: int, reps: int) -> tuple[dict, np.ndarray]:
     template = lowres_view(load_image(sample_image_path(adatas["C2"], "C2")))
@@ -119,20 +111,8 @@ def stain_speed(adatas: dict, n_tiles: int, reps: int) -> tuple[dict, np.ndarray
     tiles = np.ascontiguousarray(spot_tiles(adatas["C3"], tile_px=299, progress=False)[:n_tiles])
     ms = 1000 * timed(lambda: apply_stain(ref, src, tiles), reps) / len(tiles)
     out = {"stain_ms_per_tile": round(ms, 3), "stain_fit_source_s": round(fit_s, 3), "stain_tiles": len(tiles),
-           "staintools_ms_per_tile": staintools_ms(template, tiles)}
+           "staintools_ms_per_tile": None if (st := staintools_ms(template, tiles)) is None else round(st, 3)}
     return out, tiles
-
-
-def staintools_ms(template: np.ndarray, tiles: np.ndarray) -> float | None:
-    try:
-        import staintools
-    except ImportError:
-        return None
-    norm = staintools.StainNormalizer(method="vahadane")
-    norm.fit(staintools.LuminosityStandardizer.standardize(template))
-    few = tiles[:8]  # a dictionary fit per tile: slow, so a few tiles
-    f = lambda: [norm.transform(staintools.LuminosityStandardizer.standardize(t)) for t in few]  # noqa: E731
-    return round(1000 * timed(f, 1) / len(few), 3)
 
 
 # ---------------------------------------------------------------- pipeline vs model

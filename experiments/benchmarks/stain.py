@@ -26,6 +26,8 @@ import pandas as pd
 from data_pipelines.stain_normalisation import METHODS, apply_stain, fit_source, fit_stain
 from data_pipelines.tiles import load_image
 
+from _common import timed  # noqa: E402  (this directory is on sys.path)
+
 TILE = 299
 
 
@@ -51,16 +53,6 @@ def spot_tiles(img: np.ndarray, spots: pd.DataFrame, n: int) -> np.ndarray:
         if len(out) == n:
             break
     return np.stack(out)
-
-
-def timed(f, reps: int) -> float:
-    f()  # warm-up: first-touch allocations, OpenCV thread pool
-    best = float("inf")
-    for _ in range(reps):
-        t = time.perf_counter()
-        f()
-        best = min(best, time.perf_counter() - t)
-    return best
 
 
 def staintools_ms(template: np.ndarray, tiles: np.ndarray) -> float | None:
