@@ -15,7 +15,7 @@ from data_pipelines import keys
 from data_pipelines.errors import StimageError
 
 __all__ = ["pearson_per_gene", "spearman_per_gene", "high_low_scores", "top_genes", "evaluate", "summarise",
-           "calibration_table", "prediction_level"]
+           "calibration_table", "prediction_level", "match_prediction", "PER_GENE_OBSM"]
 
 DEFAULT_LEVEL = 0.8  # build_prediction's default interval
 
@@ -82,15 +82,59 @@ def prediction_level(pred) -> float:
     return level if 0.0 < level < 1.0 else DEFAULT_LEVEL
 
 
-def _match(pred, truth):
-    spots = pred.obs_names.intersection(truth.obs_names)
-    if len(spots) == 0:
-        raise StimageError("prediction and truth share no spot ids (obs_names)")
-    genes = [g for g in pred.var_names if g in set(truth.var_names)]
-    missing = [g for g in pred.var_names if g not in set(truth.var_names)]
-    if not genes:
+PER_GENE_OBSM = (keys.MEMBER_MEAN, keys.MEMBER_MU, keys.MEMBER_R)  # obsm (spots, members, genes)
+
+
+def _duplicates(names) -> list[str]:
+    idx = pd.Index(names)
+    return list(pd.unique(idx[idx.duplicated()]))
+
+
+def match_prediction(pred, truth, genes=None):
+    """Align a prediction with its truth: the one place spots and genes are matched.
+
+    Spots by ``obs_names`` (the prediction's order), genes by name in the order of
+    ``genes`` (default: the prediction's genes). Returns ``(pred, truth, genes, missing)``:
+    copies restricted to the shared spots and to ``genes`` minus ``missing`` (the genes
+    absent from the truth, skipped), in that gene order; every per-gene array is subset —
+    ``X``, layers and the members' ``obsm`` arrays (:data:`PER_GENE_OBSM`, shaped
+    (spots, members, genes)) — so no caller can pair gene j of one array with gene k of another.
+    A requested gene the prediction lacks, duplicated names, no shared spot or no shared
+    gene raise :class:`StimageError`.
+    """
+    for what, a in (("prediction", pred), ("truth", truth)):
+        dup = _duplicates(a.obs_names)
+        if dup:
+            raise StimageError(f"{what} has duplicate spot ids (obs_names), e.g. {dup[0]!r}")
+    dup = _duplicates(pred.var_names)
+    if dup:
+        raise StimageError(f"prediction has duplicate gene names, e.g. {dup[0]!r}")
+    for k in PER_GENE_OBSM:
+        if k in pred.obsm and (np.ndim(pred.obsm[k]) != 3 or np.shape(pred.obsm[k])[2] != pred.n_vars):
+            raise StimageError(f"prediction obsm[{k!r}] is shaped {np.shape(pred.obsm[k])}, not "
+                               f"(spots, members, {pred.n_vars} genes)")
+    requested = list(pred.var_names) if genes is None else list(dict.fromkeys(str(g) for g in genes))
+    unknown = [g for g in requested if g not in pred.var_names]
+    if unknown:
+        raise StimageError(f"gene(s) not in the prediction: {', '.join(unknown)}")
+    in_truth = set(truth.var_names)
+    kept = [g for g in requested if g in in_truth]
+    missing = [g for g in requested if g not in in_truth]
+    dup = _duplicates(truth.var_names[truth.var_names.isin(kept)])
+    if dup:
+        raise StimageError(f"truth has duplicate gene names, e.g. {dup[0]!r}")
+    if not kept:
         raise StimageError("prediction and truth share no genes")
-    return pred[spots, genes], truth[spots, genes], genes, missing
+    pi = pred.obs_names.get_indexer(pred.obs_names.intersection(truth.obs_names, sort=False))
+    if len(pi) == 0:
+        raise StimageError("prediction and truth share no spot ids (obs_names)")
+    ti = truth.obs_names.get_indexer(pred.obs_names[pi])
+    pg, tg = pred.var_names.get_indexer(kept), truth.var_names.get_indexer(kept)
+    p, t = pred[pi, pg].copy(), truth[ti, tg].copy()
+    for k in PER_GENE_OBSM:
+        if k in p.obsm:
+            p.obsm[k] = np.asarray(p.obsm[k])[:, :, pg]
+    return p, t, kept, missing
 
 
 def _members(p, m=slice(None)):
@@ -129,7 +173,7 @@ def evaluate(pred, truth) -> tuple[pd.DataFrame, list[str]]:
         nb_mixture_crps, nb_mixture_pit, pit_coverage_from_pit, sparsification_error,
     )
 
-    p_all, t_all, genes, missing = _match(pred, truth)
+    p_all, t_all, genes, missing = match_prediction(pred, truth)
     level = prediction_level(pred)
     if keys.SAMPLE in t_all.obs:
         samples = t_all.obs[keys.SAMPLE].astype(str).to_numpy()
@@ -195,7 +239,7 @@ def calibration_table(pred, truth, levels=None) -> pd.DataFrame:
     """
     from stimage_jax.uncertainty_metrics import DEFAULT_LEVELS, interval_coverage_curve
 
-    p_all, t_all, _, _ = _match(pred, truth)
+    p_all, t_all, _, _ = match_prediction(pred, truth)
     members = _members(p_all)
     if members is None:
         raise StimageError("calibration needs the members' NB parameters (obsm['nb_member_mu'], "

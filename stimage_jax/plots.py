@@ -1,8 +1,13 @@
 """PNG figures a user can open: observed vs predicted spatial maps, uncertainty maps and
-a coverage calibration curve."""
+a coverage calibration curve.
+
+Each ``*_figure`` builds a matplotlib Figure and writes nothing (so a command can build
+every figure, and meet every error, before writing any file); ``plot_*`` writes one PNG
+atomically."""
 
 from __future__ import annotations
 
+import io
 import os
 from pathlib import Path
 
@@ -11,12 +16,14 @@ import matplotlib
 matplotlib.use("Agg")  # files only; never needs a display
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
+from matplotlib.figure import Figure  # noqa: E402
 
 from data_pipelines import keys  # noqa: E402
 from data_pipelines.errors import StimageError  # noqa: E402
 from data_pipelines.io import atomic_path  # noqa: E402
 
-__all__ = ["plot_spatial_genes", "plot_uncertainty_maps", "plot_calibration"]
+__all__ = ["plot_spatial_genes", "plot_uncertainty_maps", "plot_calibration", "spatial_genes_figure",
+           "uncertainty_maps_figure", "calibration_figure", "png_bytes"]
 
 
 def _col(a, g):
@@ -24,17 +31,29 @@ def _col(a, g):
     return np.asarray(x.toarray() if hasattr(x, "toarray") else x, np.float64).ravel()
 
 
-def plot_spatial_genes(pred, truth, genes, path: str | os.PathLike, *, overwrite: bool = True) -> Path:
-    """Top row observed counts, bottom row predicted mean, one column per gene."""
-    spots = pred.obs_names.intersection(truth.obs_names)
+def spatial_genes_figure(pred, truth, genes) -> Figure:
+    """Top row observed counts, bottom row predicted mean, one column per gene (a Figure;
+    nothing written).
+
+    Spots and genes are aligned by :func:`stimage_jax.metrics.match_prediction`; a gene the
+    truth lacks cannot be drawn and is an error (named), not a blank panel.
+    """
+    from stimage_jax.metrics import match_prediction
+
     if keys.SPATIAL not in truth.obsm:
         raise StimageError("truth has no obsm['spatial'] coordinates to plot")
-    xy = np.asarray(truth[spots].obsm[keys.SPATIAL])
+    genes = list(genes)
+    if not genes:
+        raise StimageError("no genes to plot")
+    pred, truth, genes, missing = match_prediction(pred, truth, genes)
+    if missing:
+        raise StimageError(f"cannot plot gene(s) absent from the truth: {', '.join(missing)}")
+    xy = np.asarray(truth.obsm[keys.SPATIAL])
     fig, axes = plt.subplots(2, len(genes), figsize=(4 * len(genes), 7.5), squeeze=False,
                              sharex=True, sharey=True)
     for j, g in enumerate(genes):
         for i, (label, a) in enumerate((("observed", truth), ("predicted", pred))):
-            v = _col(a[spots], g)
+            v = _col(a, g)
             ax = axes[i, j]
             sc = ax.scatter(xy[:, 0], xy[:, 1], c=v, s=28, marker="s", cmap="viridis")
             ax.set_title(f"{g} {label}")
@@ -43,25 +62,35 @@ def plot_spatial_genes(pred, truth, genes, path: str | os.PathLike, *, overwrite
             fig.colorbar(sc, ax=ax, shrink=0.7)
     axes[0, 0].invert_yaxis()  # image rows grow downwards; axes are shared, so invert once
     fig.tight_layout()
-    with atomic_path(path, overwrite=overwrite) as tmp:
-        fig.savefig(tmp, dpi=110, format="png")
-    plt.close(fig)
-    return Path(path)
+    return fig
+
+
+def plot_spatial_genes(pred, truth, genes, path: str | os.PathLike, *, overwrite: bool = True) -> Path:
+    """:func:`spatial_genes_figure` written atomically as a PNG."""
+    return _save(spatial_genes_figure(pred, truth, genes), path, overwrite)
+
+
+def png_bytes(fig: Figure) -> bytes:
+    """Render ``fig`` as PNG bytes and close it, so a caller can render every figure of a
+    command before writing any file."""
+    try:
+        buf = io.BytesIO()
+        fig.savefig(buf, dpi=110, format="png")
+        return buf.getvalue()
+    finally:
+        plt.close(fig)
 
 
 def _save(fig, path, overwrite: bool) -> Path:
-    try:
-        with atomic_path(path, overwrite=overwrite) as tmp:
-            fig.savefig(tmp, dpi=110, format="png")
-    finally:
-        plt.close(fig)
+    data = png_bytes(fig)
+    with atomic_path(path, overwrite=overwrite) as tmp:
+        tmp.write_bytes(data)
     return Path(path)
 
 
-def plot_uncertainty_maps(pred, gene: str, path: str | os.PathLike, *, truth=None,
-                          overwrite: bool = True) -> Path:
-    """One PNG of ``gene`` at the spot coordinates: observed counts (when ``truth`` is
-    given), predicted mean, aleatoric SD (√var_aleatoric) and epistemic SD (√var_epistemic).
+def uncertainty_maps_figure(pred, gene: str, *, truth=None) -> Figure:
+    """``gene`` at the spot coordinates: observed counts (when ``truth`` is given),
+    predicted mean, aleatoric SD (√var_aleatoric) and epistemic SD (√var_epistemic).
 
     Coordinates are ``pred.obsm["spatial"]``, else the truth's; with a truth only the
     spots both share are drawn.
@@ -72,12 +101,11 @@ def plot_uncertainty_maps(pred, gene: str, path: str | os.PathLike, *, truth=Non
     if need:
         raise StimageError(f"prediction has no layer(s) {', '.join(need)} (not written by stimage predict?)")
     if truth is not None:
+        from stimage_jax.metrics import match_prediction
+
         if gene not in set(truth.var_names):
             raise StimageError(f"gene {gene!r} is not in the truth")
-        spots = pred.obs_names.intersection(truth.obs_names)
-        if len(spots) == 0:
-            raise StimageError("prediction and truth share no spot ids (obs_names)")
-        pred, truth = pred[spots], truth[spots]
+        pred, truth, _, _ = match_prediction(pred, truth, [gene])  # shared spots, this gene only
     if keys.SPATIAL in pred.obsm:
         xy = np.asarray(pred.obsm[keys.SPATIAL], np.float64)
     elif truth is not None and keys.SPATIAL in truth.obsm:
@@ -99,7 +127,13 @@ def plot_uncertainty_maps(pred, gene: str, path: str | os.PathLike, *, truth=Non
         fig.colorbar(sc, ax=ax, shrink=0.7)
     axes[0, 0].invert_yaxis()  # image rows grow downwards; axes are shared, so invert once
     fig.tight_layout()
-    return _save(fig, path, overwrite)
+    return fig
+
+
+def plot_uncertainty_maps(pred, gene: str, path: str | os.PathLike, *, truth=None,
+                          overwrite: bool = True) -> Path:
+    """:func:`uncertainty_maps_figure` written atomically as a PNG."""
+    return _save(uncertainty_maps_figure(pred, gene, truth=truth), path, overwrite)
 
 
 def _layer(a, key):
@@ -107,7 +141,7 @@ def _layer(a, key):
     return np.asarray(x.toarray() if hasattr(x, "toarray") else x, np.float64).ravel()
 
 
-def plot_calibration(table, path: str | os.PathLike, *, overwrite: bool = True) -> Path:
+def calibration_figure(table) -> Figure:
     """Observed against nominal coverage with the diagonal: the inclusive quantile interval
     and the PIT coverage (``table`` from :func:`stimage_jax.metrics.calibration_table`)."""
     cols = ("level", "coverage_interval", "coverage_pit")
@@ -126,4 +160,9 @@ def plot_calibration(table, path: str | os.PathLike, *, overwrite: bool = True) 
     ax.legend(loc="upper left", fontsize=8)
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    return _save(fig, path, overwrite)
+    return fig
+
+
+def plot_calibration(table, path: str | os.PathLike, *, overwrite: bool = True) -> Path:
+    """:func:`calibration_figure` written atomically as a PNG."""
+    return _save(calibration_figure(table), path, overwrite)

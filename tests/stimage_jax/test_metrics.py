@@ -160,3 +160,161 @@ def test_top_genes_ranks_by_mean_over_samples():
     t = pd.DataFrame({"sample": ["a", "a", "b", "b"], "gene": ["X", "Y", "X", "Y"], "pcc": [0.1, 0.5, 0.3, 0.2]})
     top = top_genes(t, n=1)
     assert list(top["gene"]) == ["Y"] and top["mean_pcc"].iloc[0] == pytest.approx(0.35)
+
+
+# --- real HER2ST sections: genes differ between sections (issue 13 item 1) -------------------
+# C5 and C6 list different genes; a model's gene list can hold a gene C5 has and C6 lacks.
+# The prediction below is for C6 with fake NB members; every score is checked against an
+# independent scipy computation on the truth column *of the same name*.
+
+@pytest.fixture(scope="module")
+def c5_c6(her2st_root):
+    import warnings
+
+    from data_pipelines.slides import read_her2st
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # dropped-spot notes
+        return read_her2st(her2st_root, "C5"), read_her2st(her2st_root, "C6")
+
+
+def _real_genes(c5, c6):
+    """(4 genes both sections have, moderately expressed in C6; 1 gene C5 has and C6 lacks)."""
+    only_c5 = sorted(set(c5.var_names) - set(c6.var_names))
+    tot5 = np.asarray(c5[:, only_c5].X.sum(0)).ravel()
+    absent = only_c5[int(np.argmax(tot5))]  # the most expressed one: a plausible HVG
+    shared = sorted(set(c5.var_names) & set(c6.var_names))
+    mean6 = np.asarray(c6[:, shared].X.mean(0)).ravel()
+    return [g for g, m in zip(shared, mean6) if 2.0 < m < 8.0][:4], absent
+
+
+def _fake_prediction(truth, genes, rng, m=3, absent_truth=None):
+    """Prediction AnnData for ``truth``'s spots: member NB means near the observed counts
+    (noisy), dispersions in [1, 4]; X the mixture mean; variance layers from the members.
+    ``absent_truth`` supplies counts for genes ``truth`` lacks (any section having them)."""
+    cols = []
+    for g in genes:
+        src = truth if g in set(truth.var_names) else absent_truth
+        x = np.asarray(src[:, g].X.toarray()).ravel()[: truth.n_obs]
+        cols.append(np.resize(x, truth.n_obs))
+    y = np.stack(cols, 1).astype(np.float64)
+    mu = (y[None] + 0.5) * rng.lognormal(0.0, 0.4, size=(m, *y.shape))
+    r = rng.uniform(1.0, 4.0, size=mu.shape)
+    pred = ad.AnnData(mu.mean(0).astype(np.float32), obs=pd.DataFrame(index=truth.obs_names.copy()),
+                      var=pd.DataFrame(index=list(genes)))
+    pred.layers["var_aleatoric"] = (mu + mu**2 / r).mean(0).astype(np.float32)
+    pred.layers["var_epistemic"] = mu.var(0).astype(np.float32)
+    pred.obsm["nb_member_mu"] = np.moveaxis(mu, 0, 1).astype(np.float32)  # (spots, members, genes)
+    pred.obsm["nb_member_r"] = np.moveaxis(r, 0, 1).astype(np.float32)
+    return pred
+
+
+def _reference_scores(pred, truth, gene):
+    """Scores of one gene computed independently: scipy pmf/cdf sums, hand-built rook grid."""
+    from scipy.stats import nbinom
+
+    j = list(pred.var_names).index(gene)
+    spots = truth.obs_names
+    p = pred[spots]
+    y = np.asarray(truth[:, gene].X.toarray()).ravel().astype(np.float64)
+    xhat = np.asarray(p.X[:, j], np.float64)
+    mu = np.asarray(p.obsm["nb_member_mu"][:, :, j], np.float64).T  # (M, n)
+    r = np.asarray(p.obsm["nb_member_r"][:, :, j], np.float64).T
+    nll = -np.log(nbinom.pmf(y[None], r, r / (r + mu)).mean(0)).mean()
+    k = np.arange(0, int(y.max()) * 4 + 400)[:, None, None]
+    cdf = nbinom.cdf(k, r[None], r[None] / (r[None] + mu[None])).mean(1)  # (K, n)
+    crps = ((cdf - (y[None] <= k[:, 0])) ** 2).sum(0).mean()
+    rows, cols = truth.obs["array_row"].to_numpy(), truth.obs["array_col"].to_numpy()
+    w = ((np.abs(rows[:, None] - rows[None]) + np.abs(cols[:, None] - cols[None])) == 1).astype(float)
+    w /= np.maximum(w.sum(1, keepdims=True), 1)
+    z = y - y.mean()
+    moran = len(y) / w.sum() * (z @ w @ z) / (z @ z)
+    return {"pcc": pearsonr(xhat, y)[0], "spearman": spearmanr(xhat, y)[0], "nll": nll, "crps": crps,
+            "moran_i_obs": moran}
+
+
+def test_evaluate_real_sections_skips_gene_the_truth_lacks(c5_c6, rng):
+    c5, c6 = c5_c6
+    shared, absent = _real_genes(c5, c6)
+    assert absent in set(c5.var_names) and absent not in set(c6.var_names) and len(shared) == 4
+    genes = [shared[0], absent, *shared[1:]]
+    pred = _fake_prediction(c6, genes, rng, absent_truth=c5)
+    table, missing = evaluate(pred, c6)  # crashed with a broadcast ValueError before
+    assert missing == [absent]
+    assert list(table["gene"]) == shared and set(table["sample"]) == {"C6"}
+    assert (table["n_spots"] == c6.n_obs).all()
+    for g in shared:
+        row = table.set_index("gene").loc[g]
+        ref = _reference_scores(pred, c6, g)
+        for k, v in ref.items():
+            assert row[k] == pytest.approx(v, rel=1e-6, abs=1e-9), (g, k)
+    assert np.isfinite(table[["pit_coverage", "ause_epistemic", "ause_total", "iou"]].to_numpy()).all()
+
+
+def test_evaluate_real_section_prediction_genes_in_another_order(c5_c6, rng):
+    _, c6 = c5_c6
+    shared, _ = _real_genes(*c5_c6)
+    in_truth = [g for g in c6.var_names if g in set(shared)]
+    order = in_truth[::-1]  # the prediction lists them in the reverse of C6's column order
+    assert order != in_truth
+    pred = _fake_prediction(c6, order, rng)
+    table, missing = evaluate(pred, c6)
+    assert missing == [] and list(table["gene"]) == order
+    for g in order:
+        row = table.set_index("gene").loc[g]
+        for k, v in _reference_scores(pred, c6, g).items():
+            assert row[k] == pytest.approx(v, rel=1e-6, abs=1e-9), (g, k)
+    # the same prediction with its genes (and member arrays) permuted scores identically
+    perm = [2, 0, 3, 1]
+    shuffled = pred[:, perm].copy()
+    for key in ("nb_member_mu", "nb_member_r"):
+        shuffled.obsm[key] = pred.obsm[key][:, :, perm]
+    again, _ = evaluate(shuffled, c6)
+    cols = ["pcc", "spearman", "auc", "nll", "crps", "pit_coverage", "ause_total", "moran_i_pred", "iou"]
+    pd.testing.assert_frame_equal(again.set_index("gene").loc[order, cols], table.set_index("gene")[cols])
+
+
+def test_calibration_table_real_sections_skips_missing_gene(c5_c6, rng):
+    from scipy.stats import nbinom
+
+    from stimage_jax.metrics import calibration_table
+
+    c5, c6 = c5_c6
+    shared, absent = _real_genes(c5, c6)
+    pred = _fake_prediction(c6, [absent, *shared], rng, absent_truth=c5)
+    levels = (0.5, 0.8)
+    cal = calibration_table(pred, c6, levels)
+    # reference: y inside the mixture's inclusive central interval ⇔ F(y) ≥ a and F(y−1) < b
+    y = np.asarray(c6[pred.obs_names, shared].X.toarray(), np.float64)
+    mu = np.moveaxis(np.asarray(pred.obsm["nb_member_mu"][:, :, 1:], np.float64), 1, 0)
+    r = np.moveaxis(np.asarray(pred.obsm["nb_member_r"][:, :, 1:], np.float64), 1, 0)
+    f_hi = nbinom.cdf(y[None], r, r / (r + mu)).mean(0)
+    f_lo = nbinom.cdf(y[None] - 1, r, r / (r + mu)).mean(0)
+    for level, got in zip(levels, cal["coverage_interval"]):
+        a, b = (1 - level) / 2, (1 + level) / 2
+        assert got == pytest.approx(((f_hi >= a) & (f_lo < b)).mean(), abs=1e-12)
+
+
+def test_match_prediction_subsets_member_arrays_and_refuses_bad_input(rng):
+    from stimage_jax.metrics import match_prediction
+
+    spots = [f"s{i}" for i in range(6)]
+    truth = _ad(rng.poisson(3, size=(6, 3)), spots, ["A", "B", "C"], ["x"] * 6)
+    pred = _ad(rng.normal(size=(5, 3)), spots[::-1][:5], ["C", "Z", "A"], ["x"] * 5)
+    mu = rng.uniform(1, 5, size=(5, 2, 3))
+    pred.obsm["nb_member_mu"], pred.obsm["nb_member_r"] = mu, mu + 1
+    p, t, genes, missing = match_prediction(pred, truth)
+    assert genes == ["C", "A"] and missing == ["Z"]
+    assert list(p.obs_names) == list(t.obs_names) == spots[::-1][:5]
+    np.testing.assert_array_equal(p.obsm["nb_member_mu"], mu[:, :, [0, 2]])
+    np.testing.assert_array_equal(p.X, np.asarray(pred.X)[:, [0, 2]])
+    np.testing.assert_array_equal(t.X, np.asarray(truth.X)[::-1][:5][:, [2, 0]])
+    assert match_prediction(pred, truth, ["A"])[2] == ["A"]
+    with pytest.raises(StimageError, match="not in the prediction: B"):
+        match_prediction(pred, truth, ["A", "B"])
+    bad = pred.copy()
+    bad.obsm["nb_member_r"] = mu[:, :, :2]
+    with pytest.raises(StimageError, match=r"obsm\['nb_member_r'\] is shaped \(5, 2, 2\)"):
+        match_prediction(bad, truth)
+    with pytest.raises(StimageError, match="share no genes"):
+        match_prediction(_ad(np.ones((5, 1)), spots[:5], ["Z"], ["x"] * 5), truth)
