@@ -6,13 +6,14 @@ import warnings
 from pathlib import Path
 
 import anndata as ad
+import numpy as np
 import pandas as pd
 
 from data_pipelines import keys
 from data_pipelines.errors import StimageError
-from data_pipelines.slides.common import LIBRARY_ID, as_count_matrix
+from data_pipelines.slides.common import IMAGE_SCALE, LIBRARY_ID, as_count_matrix
 
-__all__ = ["read_h5ad", "validate_counts"]
+__all__ = ["read_h5ad", "validate_counts", "validate_geometry"]
 
 
 def validate_counts(adata: ad.AnnData, where: str = "data") -> ad.AnnData:
@@ -39,8 +40,50 @@ def validate_counts(adata: ad.AnnData, where: str = "data") -> ad.AnnData:
     return adata
 
 
+_GEOMETRY_KEYS = (keys.MPP, keys.SPOT_DIAMETER_UM, IMAGE_SCALE)
+
+
+def _check_number(value, what: str) -> None:
+    """A finite positive real number (not a string, bool or array), else one clear error."""
+    if isinstance(value, (str, bytes)):
+        raise StimageError(f"{what} is the string {value!r}; a number is required")
+    ok = (isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, (bool, np.bool_))
+          and np.isfinite(value) and value > 0)
+    if not ok:
+        raise StimageError(f"{what} is {value!r}; a finite positive number is required")
+
+
+def validate_geometry(adata: ad.AnnData, where: str = "data") -> ad.AnnData:
+    """Check what tiling reads, where present: ``obsm["spatial"]`` finite numbers (n_spots, 2);
+    mpp, spot diameter and image scale in ``uns["stimage"]`` and in each
+    ``uns["spatial"][lib]["metadata"]`` finite positive numbers (a string is refused, not
+    parsed: a file that stores numbers as text was not written by the readers). Returns ``adata``.
+    """
+    if keys.SPATIAL in adata.obsm:
+        xy = np.asarray(adata.obsm[keys.SPATIAL])
+        if xy.dtype.kind not in "biuf":
+            raise StimageError(f"{where}: obsm['spatial'] holds {xy.dtype} values, not pixel numbers")
+        if xy.ndim != 2 or xy.shape[1] != 2:
+            raise StimageError(f"{where}: obsm['spatial'] has shape {xy.shape}, expected (n_spots, 2) pixel x, y")
+        bad = ~np.isfinite(xy).all(1)
+        if bad.any():
+            raise StimageError(f"{where}: obsm['spatial'] is not finite at spot {adata.obs_names[int(np.argmax(bad))]}")
+    top = adata.uns.get(keys.STIMAGE_UNS, {})
+    if isinstance(top, dict):
+        for k in _GEOMETRY_KEYS:
+            if k in top:
+                _check_number(top[k], f"{where}: uns['stimage'][{k!r}]")
+    for lib, entry in (adata.uns.get(keys.SPATIAL_UNS, {}) or {}).items():
+        meta = entry.get("metadata", {}) if isinstance(entry, dict) else {}
+        for k in _GEOMETRY_KEYS:
+            if isinstance(meta, dict) and k in meta:
+                _check_number(meta[k], f"{where}: uns['spatial'][{lib!r}]['metadata'][{k!r}]")
+    return adata
+
+
 def read_h5ad(path: str | Path) -> ad.AnnData:
-    """Read an .h5ad of raw counts; one clear error if missing, unreadable or not counts."""
+    """Read an .h5ad of raw counts; one clear error if missing, unreadable, not counts, or
+    with malformed spot coordinates or geometry (:func:`validate_geometry`)."""
     path = Path(path)
     if not path.is_file():
         raise StimageError(f"data file {path} not found")
@@ -48,4 +91,4 @@ def read_h5ad(path: str | Path) -> ad.AnnData:
         adata = ad.read_h5ad(path)
     except Exception as e:
         raise StimageError(f"{path} is not a readable .h5ad ({type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else ''})") from None
-    return validate_counts(adata, str(path))
+    return validate_geometry(validate_counts(adata, str(path)), str(path))

@@ -18,7 +18,7 @@ import pandas as pd
 
 from data_pipelines import keys
 from data_pipelines.errors import StimageError
-from data_pipelines.slides.common import (DROPPED, IMAGE_SCALE, LIBRARY_ID, PLATFORM, as_count_matrix,
+from data_pipelines.slides.common import (DROPPED, IMAGE_SCALE, LIBRARY_ID, PLATFORM, as_count_matrix, describe_cell,
                                           image_size, library_metadata, unique_names)
 
 __all__ = ["read_her2st", "her2st_sections", "LEGACY_ST_PITCH_UM", "LEGACY_ST_SPOT_UM"]
@@ -58,7 +58,43 @@ def _read_counts(path: Path, section: str) -> pd.DataFrame:
     counts.index = counts.index.astype(str)
     if counts.index.duplicated().any():
         raise StimageError(f"{path}: spot {counts.index[counts.index.duplicated()][0]} appears twice")
+    text = [j for j, t in enumerate(counts.dtypes) if t.kind not in "biuf"]
+    if text:  # pandas keeps a column with any non-number as text; find the first such cell
+        sub = counts.iloc[:, text]
+        num = sub.apply(pd.to_numeric, errors="coerce")
+        bad = (num.isna() & sub.notna()).to_numpy()
+        if bad.any():
+            r, c = map(int, np.argwhere(bad)[0])
+            raise StimageError(f"{path}: count {sub.iat[r, c]!r} at spot {counts.index[r]}, gene {sub.columns[c]} "
+                               f"is not a number ({int(bad.sum())} such value(s))")
+        counts.iloc[:, text] = num
+        counts = counts.astype(float)
     return counts
+
+
+
+def _numeric(df: pd.DataFrame, cols, path: Path) -> pd.DataFrame:
+    """``df[cols]`` as finite floats; a blank, text or infinite value is one error naming its row."""
+    out = df.copy()
+    for col in cols:
+        v = pd.to_numeric(df[col], errors="coerce").astype(float)
+        bad = ~np.isfinite(v.to_numpy())
+        if bad.any():
+            i = int(np.flatnonzero(bad)[0])
+            raw = df[col].iloc[i]
+            what = describe_cell(raw, False)
+            raise StimageError(f"{path}: {col} is {what} in data row {i + 1} ({int(bad.sum())} bad value(s))")
+        out[col] = v
+    return out
+
+
+def _read_table(path: Path, what: str) -> pd.DataFrame:
+    """A tab-separated table with a header, or one clear error (ragged, binary, empty)."""
+    try:
+        return pd.read_csv(path, sep="\t")
+    except (ValueError, OSError, UnicodeDecodeError, pd.errors.ParserError, pd.errors.EmptyDataError) as e:
+        msg = str(e).strip().splitlines()[0][:120] if str(e).strip() else ""
+        raise StimageError(f"cannot read {what} {path} ({type(e).__name__}: {msg})") from None
 
 
 def _attach_labels(adata: ad.AnnData, lbl: Path, spots: pd.Index, section: str) -> dict:
@@ -69,11 +105,12 @@ def _attach_labels(adata: ad.AnnData, lbl: Path, spots: pd.Index, section: str) 
     gives the ``<x>x<y>`` spot. Its ``pixel_x, pixel_y`` belong to the annotated image, a
     different pixel frame, and are not used.
     """
-    lab = pd.read_csv(lbl, sep="\t")
+    lab = _read_table(lbl, "label file")
     if not {"x", "y", "label"} <= set(lab.columns):
         raise StimageError(f"{lbl} lacks columns x, y, label (has {list(lab.columns)})")
     rows = len(lab)
-    lab = lab.dropna(subset=["x", "y", "label"])
+    lab = lab.dropna(subset=["x", "y", "label"])  # rows without a spot are counted, not errors
+    lab = _numeric(lab, ["x", "y"], lbl)
     spot = (lab["x"].round().astype(int).astype(str) + "x" + lab["y"].round().astype(int).astype(str)).to_numpy()
     per_spot = pd.Series(lab["label"].astype(str).to_numpy(), index=spot).groupby(level=0)
     conflicts = int((per_spot.nunique() > 1).sum())
@@ -117,15 +154,11 @@ def read_her2st(root: str | Path, section: str, *, require_image: bool = False) 
     if not sel_path.is_file():
         raise StimageError(f"spot file {sel_path} not found for section {section}")
     counts = _read_counts(cnt_path, section)
-    try:
-        sel = pd.read_csv(sel_path, sep="\t")
-    except Exception as e:
-        raise StimageError(f"cannot read spot file {sel_path}: {type(e).__name__}: {e}") from None
+    sel = _read_table(sel_path, "spot file")
     missing_cols = _SEL_COLS - set(sel.columns)
     if missing_cols:
         raise StimageError(f"{sel_path} lacks column(s) {sorted(missing_cols)}")
-    if sel[list(_SEL_COLS)].isna().any().any():
-        raise StimageError(f"{sel_path} has empty coordinates")
+    sel = _numeric(sel, sorted(_SEL_COLS), sel_path)
 
     sel = sel.assign(spot=sel["x"].astype(int).astype(str) + "x" + sel["y"].astype(int).astype(str))
     sel = sel.drop_duplicates("spot").set_index("spot")

@@ -138,3 +138,85 @@ def test_real_unknown_section_lists_available(her2st_root):
     assert len(her2st_sections(her2st_root)) == 35
     with pytest.raises(StimageError, match=r"no counts for section 'Z9'.*available: A1, A2, .*H3$"):
         read_her2st(her2st_root, "Z9")
+
+
+# --- malformed input (issue 13 item 6): a real section's files, copied and corrupted ---------
+def _real_copy(her2st_root, dest, section="C1", rows=40):
+    """C1's counts (header + first ``rows`` spots, to stay fast), spot file and label file."""
+    src = her2st_root / "data"
+    data = dest / "data"
+    for d in ("ST-cnts", "ST-spotfiles", "ST-pat/lbl"):
+        (data / d).mkdir(parents=True)
+    with gzip.open(src / "ST-cnts" / f"{section}.tsv.gz", "rt") as f:
+        lines = [next(f) for _ in range(rows + 1)]
+    sel = (src / "ST-spotfiles" / f"{section}_selection.tsv").read_text().splitlines(keepends=True)
+    lab = (src / "ST-pat/lbl" / f"{section}_labeled_coordinates.tsv").read_text().splitlines(keepends=True)
+    return dest, lines, sel, lab
+
+
+def _write(dest, section, lines=None, sel=None, lab=None):
+    data = dest / "data"
+    if lines is not None:
+        with gzip.open(data / "ST-cnts" / f"{section}.tsv.gz", "wt", compresslevel=1) as f:
+            f.writelines(lines)
+    if sel is not None:
+        (data / "ST-spotfiles" / f"{section}_selection.tsv").write_text("".join(sel))
+    if lab is not None:
+        (data / "ST-pat/lbl" / f"{section}_labeled_coordinates.tsv").write_text("".join(lab))
+
+
+def _cell(line: str, j: int, value: str) -> str:
+    f = line.rstrip("\n").split("\t")
+    f[j] = value
+    return "\t".join(f) + "\n"
+
+
+@pytest.mark.real_data
+def test_real_copy_reads_then_malformed_counts(her2st_root, tmp_path):
+    root, lines, sel, lab = _real_copy(her2st_root, tmp_path / "r")
+    _write(root, "C1", lines, sel, lab)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # no image; labels for spots beyond the 40 kept
+        a = read_her2st(root, "C1")
+    assert a.n_obs == 40 and a.n_vars == 15557 and a.obs[keys.LABEL].notna().all()
+    spot, gene = lines[3].split("\t")[0], lines[0].rstrip("\n").split("\t")[5]
+    for value, msg in (("12a", f"count '12a' at spot {spot}, gene {gene} is not a number"),
+                       ("inf", f"NaN/inf count inf at spot C1_{spot}, gene {gene}"),
+                       ("-4", f"negative count -4.0 at spot C1_{spot}, gene {gene}"),
+                       ("NA", f"NaN/inf count nan at spot C1_{spot}, gene {gene}")):
+        _write(root, "C1", lines[:3] + [_cell(lines[3], 5, value)] + lines[4:])
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            with pytest.raises(StimageError, match=msg) as e:
+                read_her2st(root, "C1")
+        assert "\n" not in str(e.value) and "C1.tsv.gz" in str(e.value)
+
+
+@pytest.mark.real_data
+def test_real_copy_malformed_spot_file(her2st_root, tmp_path):
+    root, lines, sel, lab = _real_copy(her2st_root, tmp_path / "r")
+    _write(root, "C1", lines, lab=lab)
+    for col, value, msg in ((4, "55o7.83", r"pixel_x is '55o7.83', not a number in data row 3"),
+                            (0, "", "x is empty in data row 3"),
+                            (3, "inf", r"new_y is inf, not finite in data row 3")):
+        _write(root, "C1", sel=sel[:3] + [_cell(sel[3], col, value)] + sel[4:])
+        with pytest.raises(StimageError, match=msg) as e:
+            read_her2st(root, "C1")
+        assert "\n" not in str(e.value) and "C1_selection.tsv" in str(e.value)
+
+
+@pytest.mark.real_data
+def test_real_copy_malformed_label_file(her2st_root, tmp_path):
+    root, lines, sel, lab = _real_copy(her2st_root, tmp_path / "r")
+    _write(root, "C1", lines, sel)
+    for bad, msg in ((lab[:2] + [lab[2].rstrip("\n") + "\textra\tfields\n"] + lab[3:],
+                      "cannot read label file .*C1_labeled_coordinates.tsv \\(ParserError"),
+                     (lab[:2] + [_cell(lab[2], 1, "nine")] + lab[3:],
+                      "C1_labeled_coordinates.tsv: x is 'nine', not a number in data row 2"),
+                     ([], "cannot read label file .*\\(EmptyDataError")):
+        _write(root, "C1", lab=bad)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            with pytest.raises(StimageError, match=msg) as e:
+                read_her2st(root, "C1")
+        assert "\n" not in str(e.value)

@@ -25,14 +25,17 @@ def test_real_fixture_falls_back_to_hires(shared):
     u = a.uns[keys.STIMAGE_UNS]
     assert u["image_scale"] == pytest.approx(0.150015)
     assert u[keys.MPP] == pytest.approx(55 / 89.42751063343188)
-    assert (u[keys.SPOT_DIAMETER_UM], u["platform"], u["library_id"]) == (55.0, "visium", "visium_fixture")
-    lib = a.uns[keys.SPATIAL_UNS]["visium_fixture"]
+    # the sample id is the library id the h5 records (attrs["library_ids"] == [b"custom"]),
+    # no longer the folder name
+    assert (u[keys.SPOT_DIAMETER_UM], u["platform"], u["library_id"]) == (55.0, "visium", "custom")
+    assert a.obs[keys.SAMPLE].unique().tolist() == ["custom"]
+    lib = a.uns[keys.SPATIAL_UNS]["custom"]
     assert lib["metadata"][keys.IMAGE_PATH].endswith("spatial/tissue_hires_image.png")
     assert lib["scalefactors"]["tissue_hires_scalef"] == pytest.approx(0.150015)
     # obsm stays in full-resolution px: (x, y) = (pxl_col, pxl_row) of the positions file
     row = pos.iloc[0]
-    np.testing.assert_array_equal(a[f"visium_fixture_{row[0]}"].obsm[keys.SPATIAL][0], [row[5], row[4]])
-    assert a.obs.loc[f"visium_fixture_{row[0]}", keys.ARRAY_ROW] == row[2]
+    np.testing.assert_array_equal(a[f"custom_{row[0]}"].obsm[keys.SPATIAL][0], [row[5], row[4]])
+    assert a.obs.loc[f"custom_{row[0]}", keys.ARRAY_ROW] == row[2]
     t = spot_tiles(a, tile_px=16, progress=False)
     assert t.shape == (a.n_obs, 16, 16, 3)
     # crop side on the hires png: 55 µm / mpp · 0.150015 = spot_diameter_fullres · scale
@@ -95,3 +98,107 @@ def test_10x_h5_keeps_gene_expression_only(tmp_path):
     (tmp_path / "junk.h5").write_text("x")
     with pytest.raises(StimageError, match="junk.h5 is not a Space Ranger v3 h5 matrix"):
         read_10x_h5(tmp_path / "junk.h5")
+
+
+# --- sample ids (issue 13 item 10) ------------------------------------------------------------
+def _copy_fixture(shared, dest):
+    """The real squidpy fixture without its 0.5 MB lowres image (never read)."""
+    import shutil
+
+    src = shared / "data" / "visium_fixture"
+    (dest / "spatial").mkdir(parents=True)
+    shutil.copy(src / "filtered_feature_bc_matrix.h5", dest)
+    for name in ("tissue_positions_list.csv", "scalefactors_json.json", "tissue_hires_image.png"):
+        shutil.copy(src / "spatial" / name, dest / "spatial")
+    for p in [dest / "filtered_feature_bc_matrix.h5", *(dest / "spatial").iterdir()]:
+        p.chmod(0o644)  # the shared copies are read-only; these get corrupted on purpose
+    return dest
+
+
+@pytest.mark.real_data
+def test_real_outs_layout_sample_ids_unique_across_samples(shared, tmp_path):
+    import anndata as ad
+    import h5py
+
+    a = _copy_fixture(shared, tmp_path / "SR_A" / "outs")
+    b = _copy_fixture(shared, tmp_path / "SR_B" / "outs")
+    # both record the same library id; an explicit sample id separates them
+    ra, rb = read_visium(a, sample_id="SR_A"), read_visium(tmp_path / "SR_B", sample_id="SR_B")  # <id>/ reads outs/
+    both = ad.concat([ra, rb], uns_merge="unique")
+    assert both.obs_names.is_unique and both.n_obs == 200
+    assert both.obs[keys.SAMPLE].value_counts().to_dict() == {"SR_A": 100, "SR_B": 100}
+    assert set(both.uns[keys.SPATIAL_UNS]) == {"SR_A", "SR_B"}
+    pos = pd.read_csv(a / "spatial/tissue_positions_list.csv", header=None)
+    assert f"SR_A_{pos[pos[1] == 1].iloc[0, 0]}" in ra.obs_names
+    # without a library id in the h5, <id>/outs is named after <id>, not "outs"
+    with h5py.File(b / "filtered_feature_bc_matrix.h5", "r+") as f:
+        del f.attrs["library_ids"]
+    nb = read_visium(b)
+    assert nb.obs[keys.SAMPLE].unique().tolist() == ["SR_B"] and nb.obs_names[0].startswith("SR_B_")
+    (b / "metrics_summary.csv").write_text("Sample ID,Number of Spots Under Tissue\nbreast_7,100\n")
+    assert read_visium(b).uns[keys.STIMAGE_UNS]["library_id"] == "breast_7"
+    with pytest.raises(StimageError, match="sample_id 'x' and library_id 'y' disagree"):
+        read_visium(b, sample_id="x", library_id="y")
+
+
+# --- malformed input (issue 13 item 6): real fixture files, corrupted -------------------------
+@pytest.mark.real_data
+def test_real_empty_array_row_and_bad_positions(shared, tmp_path):
+    root = _copy_fixture(shared, tmp_path / "sr")
+    pos_path = root / "spatial/tissue_positions_list.csv"
+    pos = pd.read_csv(pos_path, header=None, dtype=str, keep_default_na=False)
+    i = int(np.flatnonzero(pos[1].to_numpy() == "1")[3])  # an in-tissue spot
+    bad = pos.copy()
+    bad.iat[i, 2] = ""
+    bad.to_csv(pos_path, header=False, index=False)
+    with pytest.raises(StimageError, match=f"array_row is empty for barcode {pos.iat[i, 0]} ") as e:
+        read_visium(root)
+    assert "\n" not in str(e.value) and "tissue_positions_list.csv" in str(e.value)
+    bad = pos.copy()
+    bad.iat[i, 5] = "12o4"
+    bad.to_csv(pos_path, header=False, index=False)
+    with pytest.raises(StimageError, match=r"pxl_col_in_fullres is '12o4', not a number"):
+        read_visium(root)
+    pos_path.write_bytes(b"\x89PNG\r\n\x1a\n\x00\x00\xff\xfe")
+    with pytest.raises(StimageError, match="cannot read .*tissue_positions_list.csv"):
+        read_visium(root)
+
+
+def _rewrite_h5(path, **datasets):
+    import h5py
+
+    with h5py.File(path, "r+") as f:
+        for name, value in datasets.items():
+            del f["matrix"][name]
+            f["matrix"][name] = value
+
+
+@pytest.mark.real_data
+@pytest.mark.parametrize("change, msg", [
+    ("shape", r"a feature index \(\d+\) is outside the shape's 10 features; not a valid Space Ranger matrix"),
+    ("indptr", r"matrix/indptr has \d+ entries for \d+ barcodes"),
+    ("strings", r"counts are stored as \|S\d+ \(text\?\), not numbers"),
+    ("nan", r"NaN/inf count nan at spot .*, gene "),
+    ("inf", r"NaN/inf count inf at spot "),
+    ("negative", r"negative count -3.0 at spot "),
+])
+def test_real_malformed_h5(shared, tmp_path, change, msg):
+    import h5py
+
+    root = _copy_fixture(shared, tmp_path / "sr")
+    h5 = root / "filtered_feature_bc_matrix.h5"
+    with h5py.File(h5, "r") as f:
+        shape, data, indptr = f["matrix/shape"][:], f["matrix/data"][:], f["matrix/indptr"][:]
+    if change == "shape":
+        _rewrite_h5(h5, shape=np.array([10, shape[1]], shape.dtype))
+    elif change == "indptr":
+        _rewrite_h5(h5, indptr=indptr[:-5])
+    elif change == "strings":
+        _rewrite_h5(h5, data=np.array([str(int(v)) for v in data], dtype="S"))
+    else:
+        d = data.astype(np.float64)
+        d[7] = {"nan": np.nan, "inf": np.inf, "negative": -3.0}[change]
+        _rewrite_h5(h5, data=d)
+    with pytest.raises(StimageError, match=msg) as e:
+        read_visium(root)
+    assert "\n" not in str(e.value) and "filtered_feature_bc_matrix.h5" in str(e.value)
