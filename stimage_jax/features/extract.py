@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import os
 from pathlib import Path
 
@@ -38,14 +37,13 @@ def extract_features(backbone, tiles: np.ndarray, *, batch_size: int = 32,
 
 
 def weights_fingerprint(path: str | os.PathLike | None) -> str:
-    """Short content hash of a weights file (or 'random'), so caches follow the weights."""
+    """First 10 hex chars of the weights file's full sha256 (or 'random'), so caches follow
+    the weights: every byte counts (memoised per process by path, size and mtime)."""
     if path is None:
         return "random"
-    h = hashlib.sha1()
-    with open(path, "rb") as f:
-        h.update(f.read(1 << 20))
-    h.update(str(os.path.getsize(path)).encode())
-    return h.hexdigest()[:10]
+    from data_pipelines.fingerprint import file_digest
+
+    return file_digest(path)[:10]
 
 
 def cached_features(backbone, tiles: np.ndarray, cache_file: Path | None, **kw) -> np.ndarray:
