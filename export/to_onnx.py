@@ -1,4 +1,4 @@
-"""Trained ensemble → one ONNX file (needs JAX; the runtime in :mod:`export.predict` does not).
+"""Trained ensemble → one ONNX file (needs JAX; the runtime in :mod:`export.runtime` does not).
 
 Graph: ``tiles`` uint8 (B, tile_px, tile_px, 3), dynamic B → the backbone's own input
 scaling → backbone → every member's NB head → ``mu`` and ``r``, each (members, B, genes).
@@ -26,13 +26,11 @@ from flax import nnx
 
 from data_pipelines.errors import StimageError
 from data_pipelines.io import atomic_path
-from stimage_jax.ensemble.model import EnsembleModel
-from stimage_jax.nb.distribution import params_from_logits
-from stimage_jax.pipeline import provenance
+from export.runtime.onnx_model import ONNX_FORMAT
+from stimage_jax.ensemble.model import EnsembleModel, forward, model_provenance
 
 __all__ = ["export_onnx", "ONNX_FORMAT", "graph_function"]
 
-ONNX_FORMAT = "stimage-jax-onnx/1"
 TWO_GB = 2 * 1024**3
 
 
@@ -43,26 +41,10 @@ def _set_depthwise(module, impl: str) -> None:
 
 
 def graph_function(model: EnsembleModel):
-    """tiles (B, H, W, 3) uint8 → (mu, r), each (M, B, G): the function that is exported."""
-    point = model.config["train"]["loss"] == "mse_log1p"
-
-    def to_params(a, b):
-        if point:  # log1p regression: a point prediction (r = inf marks it)
-            return jnp.expm1(jnp.maximum(a, 0.0)), jnp.full_like(a, jnp.inf)
-        return params_from_logits(a, b)
-
-    def fn(tiles):
-        # Each frozen backbone runs once; its heads share the features (FSTimage: several).
-        feats = {name: bb(tiles) for name, bb in model.backbones.items()}
-        mus, rs = [], []
-        for mem, src in zip(model.members, model.member_sources):  # a loop, not vmap (see docstring)
-            out = mem(feats[src]) if src in feats else mem(tiles)
-            mu, r = to_params(*out)
-            mus.append(mu)
-            rs.append(r)
-        return jnp.stack(mus), jnp.stack(rs)
-
-    return fn
+    """tiles (B, H, W, 3) uint8 → (mu, r), each (M, B, G): the model's own
+    :func:`~stimage_jax.ensemble.model.forward`, which is what gets exported."""
+    sources = tuple(model.member_sources)
+    return lambda tiles: forward(model.backbones, model.members, sources, model.point, tiles)
 
 
 def export_onnx(model: EnsembleModel, out: str | os.PathLike, *, overwrite: bool = False,
@@ -93,7 +75,7 @@ def export_onnx(model: EnsembleModel, out: str | os.PathLike, *, overwrite: bool
             "tile_px": str(px), "backbone": cfg["backbone"], "members": str(cfg["members"]),
             "nb_parameterisation": cfg["nb_parameterisation"], "target": cfg["train"]["loss"],
             "stain_reference": json.dumps(cfg.get("stain")),  # null: raw tiles
-            "provenance": json.dumps(provenance(cfg)), "model_config": json.dumps(cfg)}
+            "provenance": json.dumps(model_provenance(cfg)), "model_config": json.dumps(cfg)}
     del proto.metadata_props[:]
     for k, v in meta.items():
         proto.metadata_props.add(key=k, value=v)

@@ -20,7 +20,8 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from data_pipelines.errors import StimageError
-from data_pipelines.io import atomic_path
+from data_pipelines.io import atomic_dir, atomic_path
+from export.runtime.predictor import CLASSIFY, resolve_model_dir
 
 __all__ = ["high_labels", "ClassifierReference", "fit_classifier", "apply_classifier", "ClassifierModel",
            "CLASSIFIER_FILE", "CLASSIFIER_FORMAT"]
@@ -132,7 +133,13 @@ CLASSIFIER_FORMAT = "stimage-jax-classifier/1"
 class ClassifierModel:
     """A frozen backbone plus per-gene classifiers (``workdir/model``: model.json,
     classifier.npz). The backbone is the pretrained one named in model.json and is rebuilt
-    from its weights file, whose content hash must match the one trained with."""
+    from its weights file, whose content hash must match the one trained with.
+
+    A :class:`~export.runtime.predictor.Predictor` (task ``classify``): ``params(tiles)``
+    returns ``{"p_high": (N, G)}``.
+    """
+
+    task = CLASSIFY
 
     def __init__(self, config: dict, backbone, ref: ClassifierReference):
         self.config, self.backbone, self.ref = config, backbone, ref
@@ -140,6 +147,31 @@ class ClassifierModel:
     @property
     def genes(self) -> list[str]:
         return list(self.ref.genes)
+
+    @property
+    def tile_um(self) -> float:
+        return float(self.config["tile_um"])
+
+    @property
+    def tile_px(self) -> int:
+        return int(self.config["tile_px"])
+
+    @property
+    def provenance(self) -> dict:
+        cfg = self.config
+        from stimage_jax import __version__
+
+        return {"task": CLASSIFY, "backbone": cfg["backbone"], "genes": cfg["genes"], "tile_um": cfg["tile_um"],
+                "tile_px": cfg["tile_px"], "version": __version__, "training_samples": cfg["training_samples"],
+                "stain": (cfg.get("stain") or {}).get("method", "none"), "runtime": "jax"}
+
+    def needs_tiles(self, features: dict | None = None) -> bool:
+        return not features
+
+    def params(self, tiles, *, batch_size: int = 32, progress: bool = False, features=None) -> dict:
+        """uint8 tiles (N, px, px, 3), or features {backbone: (N, D)} → {"p_high": (N, G)}."""
+        f = None if not features else next(iter(features.values()))
+        return {"p_high": self.p_high(tiles, features=f, batch_size=batch_size, progress=progress)}
 
     @property
     def stain(self):
@@ -151,11 +183,12 @@ class ClassifierModel:
         return Reference.from_dict(d, where="the model's stain reference")
 
     def save(self, model_dir: str | os.PathLike) -> Path:
-        model_dir = Path(model_dir)
-        model_dir.mkdir(parents=True, exist_ok=True)
-        self.ref.save(model_dir / CLASSIFIER_FILE)
-        with atomic_path(model_dir / "model.json", overwrite=True) as tmp:  # last: marks a complete model
-            tmp.write_text(json.dumps(self.config, indent=1))
+        """Write atomically: a temporary sibling folder renamed onto ``model_dir``, so an
+        old model is never left half-replaced."""
+        model_dir = Path(model_dir).absolute()
+        with atomic_dir(model_dir) as tmp:
+            self.ref.save(tmp / CLASSIFIER_FILE)
+            (tmp / "model.json").write_text(json.dumps(self.config, indent=1))
         return model_dir
 
     @classmethod
@@ -165,9 +198,7 @@ class ClassifierModel:
         from stimage_jax.features.extract import weights_fingerprint
         from stimage_jax.features.registry import create_backbone
 
-        model_dir = Path(model_dir)
-        if (model_dir / "model" / "model.json").is_file():
-            model_dir = model_dir / "model"
+        model_dir = resolve_model_dir(model_dir)
         if config is None:
             try:
                 config = json.loads((model_dir / "model.json").read_text())

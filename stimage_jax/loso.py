@@ -37,7 +37,7 @@ log = logging.getLogger("stimage")
 
 
 def _point_prediction(truth: ad.AnnData, mean: np.ndarray, genes, method: str) -> ad.AnnData:
-    from export.prediction import build_prediction
+    from export.runtime.prediction import build_prediction
 
     mu = np.asarray(mean, np.float32)[None]
     return build_prediction(truth, mu, np.full_like(mu, np.inf), genes, {"method": method}, keep_members=False)
@@ -45,7 +45,7 @@ def _point_prediction(truth: ad.AnnData, mean: np.ndarray, genes, method: str) -
 
 def _fold(adatas: dict, test: str, wd: Path, methods, *, genes, backbone, members, config, tile_um, tile_px,
           seed, progress, cache) -> dict[str, pd.DataFrame]:
-    from export.prediction import build_prediction
+    from export.runtime.prediction import build_prediction
     from stimage_jax.baselines import apply_ridge, fit_ridge
     from stimage_jax.metrics import evaluate
     from stimage_jax.pipeline import counts_matrix, predict, train
@@ -87,11 +87,40 @@ def _fold(adatas: dict, test: str, wd: Path, methods, *, genes, backbone, member
     return out
 
 
+def _claim_benchmark(wd: Path, settings: dict, adatas: dict, overwrite: bool) -> None:
+    """Fold results are reused only for the same settings and the same data (by content)."""
+    import json
+    import shutil
+
+    from data_pipelines.fingerprint import adata_fingerprint
+
+    request = {"settings": settings, "data": {s: adata_fingerprint(a) for s, a in adatas.items()}}
+    req = wd / "request.json"
+    if req.is_file():
+        try:
+            old = json.loads(req.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            old = None
+        if old != request:
+            if not overwrite:
+                what = ("the data changed" if old and old.get("settings") == settings else "the settings differ")
+                raise StimageError(f"benchmark workdir {wd} holds folds of another run ({what}); "
+                                   "use another --workdir or pass --overwrite")
+            shutil.rmtree(wd / "folds", ignore_errors=True)
+    wd.mkdir(parents=True, exist_ok=True)
+    with atomic_path(req) as tmp:
+        tmp.write_text(json.dumps(request, indent=1))
+
+
 def run_loso(data, workdir: str | os.PathLike, *, methods=METHODS, genes: str = "top-hvg:50",
              backbone: str = "efficientnet_lite0", members: int = 5, config: TrainConfig = TrainConfig(),
              tile_um: float | None = None, tile_px: int = 299, seed: int = 0, min_coverage: float = 0.7,
-             samples: list[str] | None = None, progress: bool = True) -> pd.DataFrame:
+             samples: list[str] | None = None, progress: bool = True, overwrite: bool = False) -> pd.DataFrame:
     """Run every fold (resuming finished ones) → the table of all folds and methods.
+
+    Finished folds are reused only when the workdir's ``request.json`` — the settings and
+    every sample's content hash — equals this run's; otherwise the run is refused (or,
+    with ``overwrite``, the old folds are discarded).
 
     data: .h5ad paths, a folder of them, or AnnData objects; samples are split by
     ``obs["sample"]``. ``samples``: hold out only these (default: each in turn). Genes
@@ -123,6 +152,9 @@ def run_loso(data, workdir: str | os.PathLike, *, methods=METHODS, genes: str = 
     if unknown:
         raise StimageError(f"sample(s) {', '.join(unknown)} not in the data ({', '.join(adatas)})")
     wd = Path(workdir).absolute()
+    _claim_benchmark(wd, {"genes": genes, "backbone": backbone, "members": members,
+                          "train": dataclasses.asdict(config), "tile_um": tile_um, "tile_px": tile_px, "seed": seed,
+                          "min_coverage": min_coverage}, adatas, overwrite)
     cache = wd / "cache"
     tables = []
     for i, test in enumerate(held):

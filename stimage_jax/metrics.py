@@ -201,7 +201,7 @@ def evaluate(pred, truth) -> tuple[pd.DataFrame, list[str]]:
             row["coverage"] = ((T >= lo) & (T <= hi)).mean(0)
         members = _members(p_all, m)
         if members is not None:
-            from export.moments import mixture_logpmf
+            from export.runtime.moments import mixture_logpmf
 
             mu, r = members
             if np.isfinite(r).all():  # a point model (r = inf) has no likelihood

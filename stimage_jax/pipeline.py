@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as _dt
+import hashlib
 import json
 import logging
 import os
@@ -25,24 +26,26 @@ from flax import nnx
 
 from data_pipelines import keys
 from data_pipelines.errors import StimageError
-from data_pipelines.io import atomic_path
+from data_pipelines.io import atomic_path, workdir_lock
 from data_pipelines.slides import read_h5ad
 from data_pipelines.stain_normalisation import fit_stain
-from data_pipelines.tissue import DEFAULT_MIN_COVERAGE, filter_by_coverage
+from data_pipelines.tissue import filter_by_coverage
 from data_pipelines.tiles import load_image, lowres_view, sample_image_path, spot_tiles, stain_tag, tile_geometry
-from export.prediction import build_prediction
+from export.runtime.prediction import predict_adata
 from stimage_jax import __version__
-from stimage_jax.ensemble.model import MODEL_FORMAT, EnsembleModel, build_member
+from stimage_jax.config import AUGMENTATIONS, RunConfig
+from stimage_jax.ensemble.model import MODEL_FORMAT, EnsembleModel, build_member, model_provenance
 from stimage_jax.ensemble.stacked import create_members, fit_ensemble, resolve_strategy, stack_members, unstack_members
 from stimage_jax.ensemble.train import TrainConfig
+from stimage_jax.models import load_model  # noqa: F401  (re-exported: stimage_jax.pipeline.load_model)
 from stimage_jax.features.embeddings import embedding_source_name, load_embeddings
 from stimage_jax.features.extract import cached_features, weights_fingerprint
 from stimage_jax.features.registry import BACKBONES, DEFAULT_WEIGHTS, create_backbone
-from stimage_jax.genes import check_genes, select_genes
+from stimage_jax.genes import select_genes
 from stimage_jax.nb.head import init_head_from_data
 
 __all__ = ["train", "predict", "train_classifier", "predict_classifier", "load_model", "provenance",
-           "split_samples", "counts_matrix", "sample_features"]
+           "split_samples", "counts_matrix", "sample_features", "run_config"]
 
 log = logging.getLogger("stimage")
 
@@ -88,18 +91,26 @@ def _tile_um(adatas, tile_um):
     return ums.pop()
 
 
+def tiles_digest(tiles: np.ndarray) -> str:
+    """Content hash of a tile stack (N, px, px, 3): feature caches follow the tiles' pixels
+    (image, geometry and stain all change them), never a sample's name."""
+    h = hashlib.sha1(str(tiles.shape).encode())
+    for i in range(0, len(tiles), 256):  # a memmap is hashed in slices, not loaded whole
+        h.update(np.ascontiguousarray(tiles[i:i + 256]).tobytes())
+    return h.hexdigest()[:12]
+
+
 def sample_features(backbone, adatas, geometry, weights_fp, cache: Path, batch_size=32, progress=True,
                     stain=None):
     """Per-sample (N_s, D) features of spot tiles (stain-normalised towards ``stain`` when
-    given), both cached under ``cache``."""
+    given), both cached under ``cache``: tiles by image content and geometry, features by
+    the tiles' content and the weights' hash."""
     feats = []
     for a in adatas:
         s = _sample_id(a)
         tiles = spot_tiles(a, tile_um=geometry["tile_um"], tile_px=geometry["tile_px"],
                            cache_dir=cache / "tiles", progress=progress, stain=stain)
-        tag = "" if stain is None else f"__{stain_tag(stain)}"
-        name = (f"{s}__{geometry['backbone']}__{weights_fp}__{geometry['tile_um']:g}um{geometry['tile_px']}px"
-                f"{tag}.npy")
+        name = f"{s}__{geometry['backbone']}__{weights_fp}__{tiles_digest(tiles)}.npy"
         feats.append(cached_features(backbone, tiles, cache / "features" / name,
                                      batch_size=batch_size, progress=progress, desc=f"features {s}"))
     return feats
@@ -137,10 +148,6 @@ def _parse_sources(backbone, embeddings, weights) -> list[dict]:
     return sources
 
 
-AUGMENTATIONS = ("none", "default", "hed")
-_REQUEST_DEFAULTS = {"augment": "none", "augment_views": 0}  # request keys older runs lack
-
-
 def augment_config(name: str):
     """``none`` → None; ``default`` → STimage's flips/rot90/affine/one-of photometric set;
     ``hed`` → the same plus HED stain jitter (Tellez et al. 2019, σ 0.05)."""
@@ -165,12 +172,12 @@ def augmented_features(backbone, adata, geometry, weights_fp, cache: Path, aug_n
     s = _sample_id(adata)
     tiles = spot_tiles(adata, tile_um=geometry["tile_um"], tile_px=geometry["tile_px"], cache_dir=cache / "tiles",
                        progress=progress, stain=stain)
-    tag = "" if stain is None else f"__{stain_tag(stain)}"
+    digest = tiles_digest(tiles)
     base = jax.random.fold_in(key, zlib.crc32(s.encode()))
     out = []
     for v in range(views):
-        name = (f"{s}__{geometry['backbone']}__{weights_fp}__{geometry['tile_um']:g}um{geometry['tile_px']}px"
-                f"{tag}__aug-{aug_name}-{int(jax.random.key_data(key).ravel()[-1])}-v{v}.npy")
+        name = (f"{s}__{geometry['backbone']}__{weights_fp}__{digest}"
+                f"__aug-{aug_name}-{int(jax.random.key_data(key).ravel()[-1])}-v{v}.npy")
         path = cache / "features" / name
         if path.exists():
             f = np.load(path)
@@ -185,340 +192,363 @@ def augmented_features(backbone, adata, geometry, weights_fp, cache: Path, aug_n
     return out
 
 
-def train(data, workdir: str | os.PathLike, *, genes: str = "markers",
-          backbone: str | list[str] | None = "efficientnet_lite0", weights=None,
-          embeddings: str | None = None, members: int = 1, fine_tune: bool = False,
-          tile_um: float | None = None, tile_px: int = 299, val_samples: list[str] | None = None,
-          config: TrainConfig = TrainConfig(), head_hidden: int = 0, dropout: float = 0.0,
-          seed: int = 0, strategy: str = "auto", feature_batch_size: int = 32, progress: bool = True,
-          overwrite: bool = False, cache_dir: str | os.PathLike | None = None,
-          stain: str | None = None, stain_template: str | os.PathLike | None = None,
-          min_coverage: float = DEFAULT_MIN_COVERAGE, augment: str = "none",
-          augment_views: int = 4) -> EnsembleModel:
-    """Train an ensemble of NB models; return it (also saved in ``workdir/model``).
+REQUEST_FORMAT = "stimage-request/2"
 
-    data: .h5ad paths or AnnData objects (one or more samples each). ``members`` models
-    are trained per feature source: each backbone of ``backbone`` (a list or "a,b") and
-    the precomputed ``embeddings`` (obsm key or folder of <sample>.npy) — FSTimage when
-    there are several. Validation (early stopping) uses whole samples: ``val_samples``, or
-    by default the last training sample when there are at least two; never spots of a
-    training sample. ``strategy``: auto|vmap|loop (see :mod:`stimage_jax.ensemble.stacked`).
-    Tiles and features are cached under ``cache_dir`` (default ``workdir/cache``).
-    ``stain``: vahadane|macenko|reinhard normalises every tile towards a template — the
-    image ``stain_template``, or a low-resolution view of the first training sample's
-    image; the fitted reference is stored with the model and reused at prediction.
-    Spots whose tile is less than ``min_coverage`` tissue are left out of training (counted
-    in ``uns["stimage"]["dropped"]``, coverage in ``obs["tissue_coverage"]``).
-    ``augment`` (none|default|hed) applies to training tiles only: fine-tuning augments every
-    batch; a frozen backbone sees ``augment_views`` augmented copies of each training tile,
-    whose features are computed once and cached.
-    """
-    aug_cfg = augment_config(augment)
-    if aug_cfg is not None and augment_views < 1 and not fine_tune:
-        raise StimageError(f"--augment-views must be >= 1 (got {augment_views})")
-    if members < 1:
-        raise StimageError(f"--members must be >= 1 (got {members})")
-    sources = _parse_sources(backbone, embeddings, weights)
+
+def run_config(config: RunConfig | TrainConfig | None = None, **options) -> RunConfig:
+    """A checked RunConfig from a RunConfig (or a bare TrainConfig, as older callers pass)
+    and flat overrides by field name (``members=5, lr=1e-3, backbone="a,b"``)."""
+    if isinstance(config, TrainConfig):
+        config = RunConfig(train=config)
+    if "head_hidden" in options:
+        options["hidden"] = options.pop("head_hidden")
+    return (config or RunConfig()).override(**options).check()
+
+
+@dataclasses.dataclass
+class _Run:
+    """A training run's inputs after reading, gene choice, tile QC and stain fitting."""
+
+    cfg: RunConfig
+    adatas: list
+    sample_ids: list[str]
+    val_samples: list[str]
+    genes: list[str]
+    sources: list[dict]
+    geometry: dict
+    emb_feats: dict
+    low_coverage: dict
+    stain_ref: object
+    fingerprints: dict
+
+    @property
+    def backbone_sources(self) -> list[dict]:
+        return [s for s in self.sources if s["kind"] == "backbone"]
+
+    @property
+    def is_val(self) -> list[bool]:
+        return [s in self.val_samples for s in self.sample_ids]
+
+
+def _prepare(data, cfg: RunConfig) -> _Run:
+    """Read the samples, choose genes and validation samples, check embeddings, apply tile
+    QC and fit the stain reference — every check that can fail runs before slow work."""
+    from data_pipelines.fingerprint import adata_fingerprint
+
+    f = cfg.features
+    sources = _parse_sources(None if f.backbone is None else list(f.backbone), f.embeddings, None if f.weights is None else list(f.weights))
     backbone_sources = [s for s in sources if s["kind"] == "backbone"]
-    if fine_tune and (len(sources) != 1 or not backbone_sources):
+    if f.fine_tune and (len(sources) != 1 or not backbone_sources):
         raise StimageError("--fine-tune trains one backbone: give exactly one --backbone and no --embeddings")
-    resolved = resolve_strategy(strategy, trains_backbone=fine_tune)
-    workdir = Path(workdir).absolute()
+    if cfg.task == "classify" and (len(sources) != 1 or not backbone_sources):
+        raise StimageError("--task classify uses one backbone")
     adatas = split_samples(_load(data))
-    gene_list = select_genes(genes, adatas)
+    genes = select_genes(cfg.genes, adatas)
     sample_ids = [_sample_id(a) for a in adatas]
-    if val_samples is None:
-        val_samples = sample_ids[-1:] if len(sample_ids) >= 2 else []
-    unknown = [v for v in val_samples if v not in sample_ids]
+    if cfg.task == "classify":
+        val = []  # every sample trains: nothing to stop early on
+    elif cfg.val_samples is None:
+        val = sample_ids[-1:] if len(sample_ids) >= 2 else []
+    else:
+        val = list(cfg.val_samples)
+    unknown = [v for v in val if v not in sample_ids]
     if unknown:
         raise StimageError(f"validation sample(s) {unknown} not among the data's samples {sample_ids}")
+    if val and all(s in val for s in sample_ids):
+        raise StimageError("every sample is a validation sample: nothing left to train on")
+    fingerprints = {s: adata_fingerprint(a) for s, a in zip(sample_ids, adatas)}
     # Embeddings are checked before any slow step: a spot-count mismatch fails at once.
     emb_feats = {s["name"]: [load_embeddings(a, s["key"]) for a in adatas]
                  for s in sources if s["kind"] == "embeddings"}
     for s in sources:
         s["weights_fingerprint"] = weights_fingerprint(s.get("weights")) if s["kind"] == "backbone" else None
-    geometry = ({"tile_um": _tile_um(adatas, tile_um), "tile_px": int(tile_px)} if backbone_sources
+    geometry = ({"tile_um": _tile_um(adatas, f.tile_um), "tile_px": int(f.tile_px)} if backbone_sources
                 else {"tile_um": None, "tile_px": None})
     low_coverage = {s: 0 for s in sample_ids}
-    if backbone_sources and min_coverage > 0:
+    if backbone_sources and f.min_coverage > 0:
         # Tile QC: a tile that is mostly glass says little about its spot's expression.
-        kept = [filter_by_coverage(a, min_coverage, tile_um=geometry["tile_um"], tile_px=geometry["tile_px"])
-                for a in adatas]
+        kept = [filter_by_coverage(a, f.min_coverage, **geometry) for a in adatas]
         for name, per_sample in emb_feats.items():
-            emb_feats[name] = [f[a.obs_names.get_indexer(k.obs_names)] for f, a, k in zip(per_sample, adatas, kept)]
+            emb_feats[name] = [e[a.obs_names.get_indexer(k.obs_names)] for e, a, k in zip(per_sample, adatas, kept)]
         low_coverage = {s: a.n_obs - k.n_obs for s, a, k in zip(sample_ids, adatas, kept)}
         adatas = kept
     stain_ref = None
-    if stain not in (None, "none"):
+    if f.stain not in (None, "none"):
         if not backbone_sources:
             raise StimageError("--stain normalises tiles, but an embeddings-only model reads no tiles")
-        template = stain_template
+        template = f.stain_template
         if template is None:
-            first = next(a for a, sid in zip(adatas, sample_ids) if sid not in val_samples)
+            first = next(a for a, sid in zip(adatas, sample_ids) if sid not in val)
             template = sample_image_path(first, _sample_id(first))
-        stain_ref = fit_stain(stain, lowres_view(load_image(template)))
-        log.info("stain normalisation: %s towards %s", stain, template)
-    request = {"data_samples": sample_ids, "genes": gene_list, "stain": stain_tag(stain_ref),
-               "sources": [{k: v for k, v in s.items() if k != "weights"} for s in sources],
-               "members": members, "fine_tune": fine_tune, "val_samples": list(val_samples),
-               "train": dataclasses.asdict(config), "head": {"hidden": head_hidden, "dropout": dropout},
-               "seed": seed, "min_coverage": min_coverage if backbone_sources else None,
-               "augment": augment or "none", "augment_views": augment_views if aug_cfg and not fine_tune else 0,
-               **geometry}
+        stain_ref = fit_stain(f.stain, lowres_view(load_image(template)))
+        log.info("stain normalisation: %s towards %s", f.stain, template)
+    return _Run(cfg, adatas, sample_ids, val, genes, sources, geometry, emb_feats, low_coverage, stain_ref,
+                fingerprints)
 
+
+def _request(run: _Run) -> dict:
+    """What decides a run's result, by content: the config, each sample's data hash, the
+    genes, the weights' hashes and the stain reference. A rerun resumes only when equal."""
+    cfg = run.cfg.to_dict()
+    cfg["features"].pop("feature_batch_size")  # how fast, not what: a rerun may change it
+    request = {"format": REQUEST_FORMAT, "config": cfg, "data": run.fingerprints, "genes": run.genes,
+               "weights": {s["name"]: s["weights_fingerprint"] for s in run.sources if s["kind"] == "backbone"},
+               "stain": stain_tag(run.stain_ref)}
+    return json.loads(json.dumps(request))  # as it reads back from request.json (tuples → lists)
+
+
+def _what_changed(old: dict, new: dict) -> str:
+    """One phrase naming what differs between two requests."""
+    if old.get("format") != new.get("format"):
+        return "it was made by another version of stimage"
+    od, nd = old.get("data", {}), new.get("data", {})
+    changed = [s for s in nd if s in od and od[s] != nd[s]]
+    if changed:
+        return f"the data of sample(s) {', '.join(changed)} changed since it was trained"
+    if set(od) != set(nd):
+        return f"samples {sorted(od)} → {sorted(nd)}"
+
+    def flat(d, prefix=""):
+        out = {}
+        for k, v in d.items():
+            out.update(flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
+        return out
+    fo, fn = flat(old), flat(new)
+    diff = sorted(k.removeprefix("config.").split(".")[-1] for k in set(fo) | set(fn) if fo.get(k) != fn.get(k))
+    return f"differs in {', '.join(diff)}"
+
+
+def _claim_workdir(workdir: Path, request: dict, overwrite: bool, load):
+    """Resume, reuse or refuse: the finished model when ``workdir`` holds this very request,
+    else None after recording it (a different run is cleared only with ``overwrite``)."""
     req_file = workdir / "request.json"
     if req_file.exists():
-        # Keys added after a run was made mean what that run did: fill them in first.
-        old = {**_REQUEST_DEFAULTS, **json.loads(req_file.read_text())}
+        try:
+            old = json.loads(req_file.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            old = {"format": "unreadable"}
         if old != request:
             if not overwrite:
-                diff = sorted(k for k in set(old) | set(request) if old.get(k) != request.get(k))
-                raise StimageError(f"workdir {workdir} holds a different run (differs in {', '.join(diff)}); "
+                raise StimageError(f"workdir {workdir} holds a different run ({_what_changed(old, request)}); "
                                    "use another --workdir or pass --overwrite")
             for sub in ("checkpoints", "model"):
                 shutil.rmtree(workdir / sub, ignore_errors=True)
+            (workdir / "train_log.csv").unlink(missing_ok=True)
         elif (workdir / "model" / "model.json").exists():
             log.info("workdir %s already holds this trained model; loading it", workdir)
-            return EnsembleModel.load(workdir / "model")
+            return load()
     workdir.mkdir(parents=True, exist_ok=True)
     with atomic_path(req_file) as tmp:
         tmp.write_text(json.dumps(request, indent=1))
+    return None
 
-    cache = Path(cache_dir).absolute() if cache_dir is not None else workdir / "cache"
-    backbones, feats = {}, dict(emb_feats)
-    for s in backbone_sources:
+
+def _backbone_features(run: _Run, cache: Path, progress: bool):
+    """Frozen backbones by source name, and every source's per-sample features."""
+    backbones, feats = {}, dict(run.emb_feats)
+    for s in run.backbone_sources:
         if s["weights"] is None:
             log.warning("backbone %s has no pretrained weights: features come from a random "
                         "initialisation (pass --weights FILE)", s["backbone"])
-        bb = create_backbone(s["backbone"], rngs=nnx.Rngs(seed), weights=s["weights"])
+        bb = create_backbone(s["backbone"], rngs=nnx.Rngs(run.cfg.seed), weights=s["weights"])
         backbones[s["name"]] = bb
-        feats[s["name"]] = sample_features(bb, adatas, {"backbone": s["backbone"], **geometry},
-                                           s["weights_fingerprint"], cache, feature_batch_size, progress,
-                                           stain=stain_ref)
-    for s in sources:
+        feats[s["name"]] = sample_features(bb, run.adatas, {"backbone": s["backbone"], **run.geometry},
+                                           s["weights_fingerprint"], cache, run.cfg.features.feature_batch_size,
+                                           progress, stain=run.stain_ref)
+    for s in run.sources:
         s["num_features"] = int(feats[s["name"]][0].shape[1])
-    is_val = [s in val_samples for s in sample_ids]
-    if all(is_val):
-        raise StimageError("every sample is a validation sample: nothing left to train on")
-    counts = [counts_matrix(a, gene_list) for a in adatas]
+    return backbones, feats
 
-    def pick(xs, v):
-        return np.concatenate([x for x, f in zip(xs, is_val) if f == v]) if any(f == v for f in is_val) else None
 
-    y_tr, y_va = pick(counts, False), pick(counts, True)
-    cfg = {"format": MODEL_FORMAT, "version": __version__, "genes": gene_list,
-           "backbone": ",".join(s["name"] for s in sources), "sources": sources,
-           "member_sources": [s["name"] for s in sources for _ in range(members)],
-           "fine_tune": fine_tune, "members": members * len(sources), "members_per_source": members,
-           "stain": None if stain_ref is None else stain_ref.to_dict(),
-           "head": {"hidden": head_hidden, "dropout": dropout},
-           "tile_um": geometry["tile_um"], "tile_px": geometry["tile_px"], "train": dataclasses.asdict(config),
-           "seed": seed, "min_coverage": request["min_coverage"], "augment": request["augment"],
-           "augment_views": request["augment_views"],
-           "dropped_low_coverage": low_coverage, "strategy": resolved, "training_samples": [s for s, v in zip(sample_ids, is_val) if not v],
-           "validation_samples": list(val_samples), "nb_parameterisation": "mean-dispersion (log link): var = mu + mu^2/r"}
-    if len(backbone_sources) == 1 and len(sources) == 1:
-        cfg["num_features"] = sources[0]["num_features"]  # what ONNX consumers of /1 models read
-    key = jax.random.key(seed)
+def _pick(xs, is_val, v):
+    """Concatenate the per-sample arrays of training (v False) or validation (v True) samples."""
+    return np.concatenate([x for x, f in zip(xs, is_val) if f == v]) if any(f == v for f in is_val) else None
+
+
+def _model_config(run: _Run, strategy: str) -> dict:
+    """model.json of an ensemble (everything a prediction or an export needs)."""
+    c, f, members = run.cfg, run.cfg.features, run.cfg.members
+    cfg = {"format": MODEL_FORMAT, "version": __version__, "genes": run.genes,
+           "backbone": ",".join(s["name"] for s in run.sources), "sources": run.sources,
+           "member_sources": [s["name"] for s in run.sources for _ in range(members)],
+           "fine_tune": f.fine_tune, "members": members * len(run.sources), "members_per_source": members,
+           "stain": None if run.stain_ref is None else run.stain_ref.to_dict(),
+           "head": dataclasses.asdict(c.head), "tile_um": run.geometry["tile_um"],
+           "tile_px": run.geometry["tile_px"], "train": dataclasses.asdict(c.train), "seed": c.seed,
+           "min_coverage": f.min_coverage if run.backbone_sources else None,
+           "augment": f.augment, "augment_views": f.augment_views if f.augment != "none" and not f.fine_tune else 0,
+           "dropped_low_coverage": run.low_coverage, "strategy": strategy,
+           "training_samples": [s for s, v in zip(run.sample_ids, run.is_val) if not v],
+           "validation_samples": list(run.val_samples),
+           "nb_parameterisation": "mean-dispersion (log link): var = mu + mu^2/r"}
+    if len(run.backbone_sources) == 1 and len(run.sources) == 1:
+        cfg["num_features"] = run.sources[0]["num_features"]  # what ONNX consumers of /1 models read
+    return cfg
+
+
+def _members_for(run: _Run, mcfg: dict, src: dict, si: int, backbones, feats, cache, progress, key):
+    """One source's untrained stacked members and their training arrays:
+    (members, x_train, y_train, x_val, set_train_mode, per-member keys)."""
+    c, f = run.cfg, run.cfg.features
+    counts = [counts_matrix(a, run.genes) for a in run.adatas]
+    y_tr = _pick(counts, run.is_val, False)
+    f_tr, f_va = _pick(feats[src["name"]], run.is_val, False), _pick(feats[src["name"]], run.is_val, True)
+    ids = [si * c.members + m for m in range(c.members)]   # global member index: distinct seeds
+    init_keys = jnp.stack([jax.random.fold_in(jax.random.fold_in(key, i), 0) for i in ids])
+    train_keys = jnp.stack([jax.random.fold_in(jax.random.fold_in(key, i), 1) for i in ids])
+    if f.fine_tune:
+        tiles = [np.asarray(spot_tiles(a, **run.geometry, cache_dir=cache / "tiles", progress=False,
+                                       stain=run.stain_ref)) for a in run.adatas]
+        stacked = stack_members([build_member(mcfg, rngs=nnx.Rngs(k), source=src, backbone=create_backbone(
+            src["backbone"], rngs=nnx.Rngs(0), weights=src["weights"])) for k in init_keys])
+        init_head_from_data(stacked.head, f_tr, y_tr, loss=c.train.loss)
+        mode = lambda net: (net.train(), net.backbone.eval())  # noqa: E731  BN statistics stay frozen
+        return stacked, _pick(tiles, run.is_val, False), y_tr, _pick(tiles, run.is_val, True), mode, ids, train_keys
+    x_tr, y_src = f_tr, y_tr
+    if f.augment != "none" and src["kind"] == "backbone":
+        # Frozen backbone: K augmented views of every training tile, as extra spots.
+        views = [augmented_features(backbones[src["name"]], a, {"backbone": src["backbone"], **run.geometry},
+                                    src["weights_fingerprint"], cache, f.augment, f.augment_views,
+                                    jax.random.fold_in(key, 0xA06), batch_size=f.feature_batch_size,
+                                    progress=progress, stain=run.stain_ref)
+                 for a, v in zip(run.adatas, run.is_val) if not v]
+        x_tr = np.concatenate([f_tr] + [np.concatenate([vs[k] for vs in views]) for k in range(f.augment_views)])
+        y_src = np.concatenate([y_tr] * (f.augment_views + 1))
+    stacked = create_members(lambda r: build_member(mcfg, rngs=r, source=src), init_keys)  # noqa: B023
+    init_head_from_data(stacked, x_tr, y_src, loss=c.train.loss)
+    return stacked, x_tr, y_src, f_va, None, ids, train_keys
+
+
+def _fit_sources(run: _Run, mcfg: dict, backbones, feats, workdir: Path, cache: Path, progress: bool):
+    """Train every source's members → (member modules, log rows, best epochs)."""
+    c = run.cfg
+    y_va = _pick([counts_matrix(a, run.genes) for a in run.adatas], run.is_val, True)
+    key = jax.random.key(c.seed)
     trained, logs, best_epochs = [], [], []
-    for si, src in enumerate(sources):
-        f_tr, f_va = pick(feats[src["name"]], False), pick(feats[src["name"]], True)
-        ids = [si * members + m for m in range(members)]   # global member index: distinct seeds
-        init_keys = jnp.stack([jax.random.fold_in(jax.random.fold_in(key, i), 0) for i in ids])
-        train_keys = jnp.stack([jax.random.fold_in(jax.random.fold_in(key, i), 1) for i in ids])
-        y_src = y_tr
-        if fine_tune:
-            tiles = [np.asarray(spot_tiles(a, tile_um=geometry["tile_um"], tile_px=geometry["tile_px"],
-                                           cache_dir=cache / "tiles", progress=False, stain=stain_ref))
-                     for a in adatas]
-            x_tr, x_va = pick(tiles, False), pick(tiles, True)
-            stacked = stack_members([build_member(cfg, rngs=nnx.Rngs(k), source=src, backbone=create_backbone(
-                src["backbone"], rngs=nnx.Rngs(0), weights=src["weights"])) for k in init_keys])
-            init_head_from_data(stacked.head, f_tr, y_tr, loss=config.loss)
-            mode = lambda net: (net.train(), net.backbone.eval())  # noqa: E731  BN statistics stay frozen
-        else:
-            x_tr, x_va = f_tr, f_va
-            if aug_cfg is not None and src["kind"] == "backbone":
-                # Frozen backbone: K augmented views of every training tile, as extra spots.
-                views = [augmented_features(backbones[src["name"]], a, {"backbone": src["backbone"], **geometry},
-                                            src["weights_fingerprint"], cache, augment, augment_views,
-                                            jax.random.fold_in(key, 0xA06), batch_size=feature_batch_size,
-                                            progress=progress, stain=stain_ref)
-                         for a, v in zip(adatas, is_val) if not v]
-                x_tr = np.concatenate([f_tr] + [np.concatenate([vs[k] for vs in views]) for k in range(augment_views)])
-                y_src = np.concatenate([y_tr] * (augment_views + 1))
-            stacked = create_members(lambda r: build_member(cfg, rngs=r, source=src), init_keys)  # noqa: B023
-            init_head_from_data(stacked, x_tr, y_src, loss=config.loss)
-            mode = None
-        log.info("training %d member(s) on %s (%s strategy)", members, src["name"], resolved)
-        stacked, hists = fit_ensemble(stacked, x_tr, y_src, x_va, y_va, keys=train_keys,
-                                      config=config, strategy=resolved,
-                                      ckpt_dir=workdir / "checkpoints" / src["name"], set_train_mode=mode,
-                                      progress=progress, augment=aug_cfg if fine_tune else None)
+    for si, src in enumerate(run.sources):
+        stacked, x_tr, y_tr, x_va, mode, ids, train_keys = _members_for(run, mcfg, src, si, backbones, feats,
+                                                                        cache, progress, key)
+        log.info("training %d member(s) on %s (%s strategy)", c.members, src["name"], mcfg["strategy"])
+        aug = augment_config(c.features.augment) if c.features.fine_tune else None
+        stacked, hists = fit_ensemble(stacked, x_tr, y_tr, x_va, y_va, keys=train_keys, config=c.train,
+                                      strategy=mcfg["strategy"], ckpt_dir=workdir / "checkpoints" / src["name"],
+                                      set_train_mode=mode, progress=progress, augment=aug)
         trained += unstack_members(stacked)
         for i, hist in zip(ids, hists):
             logs += [{"member": i, "source": src["name"], **h} for h in hist]
             val = [h["val_loss"] for h in hist]
             best_epochs.append(int(np.nanargmin(val)) if y_va is not None and len(val) else len(hist) - 1)
-    cfg["best_epochs"] = best_epochs
-    cfg["trained_at"] = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
-    with atomic_path(workdir / "train_log.csv") as tmp:
-        pd.DataFrame(logs).to_csv(tmp, index=False)
-    model = EnsembleModel(cfg, {} if fine_tune else backbones, trained)
-    model.save(workdir / "model")
+    return trained, logs, best_epochs
+
+
+def train(data, workdir: str | os.PathLike, config: RunConfig | TrainConfig | None = None, *,
+          progress: bool = True, overwrite: bool = False, cache_dir: str | os.PathLike | None = None,
+          **options) -> EnsembleModel:
+    """Train an ensemble of NB models (or, with ``task="classify"``, the high/low
+    classifier); return it (also saved in ``workdir/model``).
+
+    data: .h5ad paths or AnnData objects (one or more samples each). ``config``: a
+    :class:`~stimage_jax.config.RunConfig`; ``options`` override its fields by name
+    (``genes="markers", members=5, backbone="a,b", lr=1e-3``...). ``members`` models are
+    trained per feature source (FSTimage when there are several). Validation (early
+    stopping) uses whole samples: ``val_samples``, or the last training sample; never
+    spots of a training sample. Tiles and features are cached under ``cache_dir``
+    (default ``workdir/cache``), keyed by content. The workdir is locked while a run uses
+    it; a rerun with the same config and the same data resumes (or returns the finished
+    model), while changed data or settings are refused unless ``overwrite``.
+    """
+    cfg = run_config(config, **options)
+    if cfg.task == "classify":
+        return train_classifier(data, workdir, cfg, progress=progress, overwrite=overwrite, cache_dir=cache_dir)
+    strategy = resolve_strategy(cfg.strategy, trains_backbone=cfg.features.fine_tune)
+    workdir = Path(workdir).absolute()
+    run = _prepare(data, cfg)
+    with workdir_lock(workdir):
+        done = _claim_workdir(workdir, _request(run), overwrite, lambda: EnsembleModel.load(workdir / "model"))
+        if done is not None:
+            return done
+        cache = Path(cache_dir).absolute() if cache_dir is not None else workdir / "cache"
+        backbones, feats = _backbone_features(run, cache, progress)
+        mcfg = _model_config(run, strategy)
+        trained, logs, best_epochs = _fit_sources(run, mcfg, backbones, feats, workdir, cache, progress)
+        mcfg["best_epochs"] = best_epochs
+        mcfg["trained_at"] = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+        with atomic_path(workdir / "train_log.csv") as tmp:
+            pd.DataFrame(logs).to_csv(tmp, index=False)
+        model = EnsembleModel(mcfg, {} if cfg.features.fine_tune else backbones, trained)
+        model.save(workdir / "model")
     return model
 
 
-def predict(adata: ad.AnnData, model: EnsembleModel, *, batch_size: int = 32,
-            progress: bool = True, tiles: np.ndarray | None = None,
-            features=None, embeddings: str | None = None, interval: float = 0.8) -> ad.AnnData:
-    """Predict NB moments for every spot of ``adata`` → a new AnnData.
+def _as_features(model, features) -> dict:
+    """Precomputed features as {source name: (N, D)}: a bare array stands for the only source."""
+    if features is None or isinstance(features, dict):
+        return dict(features or {})
+    if getattr(model, "task", None) == "classify":
+        return {model.config["backbone"]: features}
+    if model.backbone is None:
+        raise StimageError("plain features fit only a model with one frozen backbone; pass a dict by source name")
+    return {model.sources[0]["name"]: features}
 
-    X = ensemble mean; layers var_aleatoric, var_epistemic (zeros for one member), q_lo and
-    q_hi (the central ``interval`` of the members' NB mixture); same obs, obsm["spatial"]
-    and uns["spatial"] as the input; uns["stimage"] provenance. ``features``: (N, D) from
-    the model's own frozen backbone, or a dict by source name — skip tiling and extraction
-    (benchmarks reuse a cache). Embedding sources read ``obsm[key]`` / ``key/<sample>.npy``
-    (``embeddings`` overrides the key the model was trained with).
+
+def predict(adata: ad.AnnData, model, *, batch_size: int = 32, progress: bool = True,
+            tiles: np.ndarray | None = None, features=None, embeddings: str | None = None,
+            interval: float = 0.8) -> ad.AnnData:
+    """Predict every spot of ``adata`` with a JAX model → a new AnnData
+    (:func:`~export.runtime.prediction.predict_adata`, which every runtime shares).
+
+    ``features``: (N, D) from the model's own frozen backbone, or a dict by source name —
+    skip tiling and extraction (benchmarks reuse a cache). Embedding sources read
+    ``obsm[key]`` / ``key/<sample>.npy`` (``embeddings`` overrides the key the model was
+    trained with).
     """
-    cfg = model.config
-    if features is not None and not isinstance(features, dict):
-        if model.backbone is None:
-            raise StimageError("plain features fit only a model with one frozen backbone; "
-                               "pass a dict by source name")
-        features = {model.sources[0]["name"]: features}
-    features = dict(features or {})
-    for src in model.embedding_sources():
-        if src["name"] not in features:
-            features[src["name"]] = load_embeddings(adata, embeddings or src["key"])
-    for name, f in features.items():
-        if np.shape(f)[0] != adata.n_obs:
-            raise StimageError(f"features for {name} have {np.shape(f)[0]} rows for {adata.n_obs} spots")
-    needs_tiles = cfg["fine_tune"] or any(s["name"] not in features for s in model.sources)
-    if not needs_tiles:
-        tiles = None
-    elif tiles is None:
-        tiles = spot_tiles(adata, tile_um=cfg["tile_um"], tile_px=cfg["tile_px"], progress=progress,
-                           stain=model.stain)
-    elif tiles.shape[1:] != (cfg["tile_px"], cfg["tile_px"], 3):
-        raise StimageError(f"tiles have shape {tiles.shape[1:]}, the model expects "
-                           f"({cfg['tile_px']}, {cfg['tile_px']}, 3)")
-    mu, r = model.member_params(tiles, batch_size=batch_size, progress=progress, features=features or None)
-    out = build_prediction(adata, mu, r, cfg["genes"], provenance(cfg), interval=interval)
-    if tiles is not None and keys.TISSUE_COVERAGE not in out.obs:
-        # Record each spot's tile QC (training dropped tiles under cfg["min_coverage"]):
-        # predictions on mostly-glass tiles are extrapolations a user may want to mask.
-        from data_pipelines.tissue import spot_tissue_coverage
-
-        out.obs[keys.TISSUE_COVERAGE] = spot_tissue_coverage(adata, tile_um=cfg["tile_um"], tile_px=cfg["tile_px"])
-    return out
+    features = _as_features(model, features)
+    if embeddings is not None:
+        model = dataclasses.replace(model, embeddings_override=embeddings)
+    return predict_adata(adata, model, batch_size=batch_size, progress=progress, interval=interval, tiles=tiles,
+                         features=features or None)
 
 
-def provenance(cfg: dict) -> dict:
-    """What a prediction records about the model that made it (model.json → uns)."""
-    return {"backbone": cfg["backbone"], "genes": cfg["genes"], "tile_um": cfg["tile_um"],
-            "tile_px": cfg["tile_px"], "members": cfg["members"], "fine_tune": cfg["fine_tune"],
-            "model_version": cfg["version"], "version": __version__, "training_samples": cfg["training_samples"],
-            "nb_parameterisation": cfg["nb_parameterisation"], "target": cfg["train"]["loss"],
-            "stain": (cfg.get("stain") or {}).get("method", "none")}
+provenance = model_provenance  # older name, kept for callers
 
 
-def train_classifier(data, workdir: str | os.PathLike, *, genes: str = "markers",
-                     backbone: str = "efficientnet_lite0", weights=None, tile_um: float | None = None,
-                     tile_px: int = 299, C: float = 0.1, l1_ratio: float = 0.5, seed: int = 0,
-                     stain: str | None = None, stain_template=None, min_coverage: float = DEFAULT_MIN_COVERAGE,
-                     feature_batch_size: int = 32, progress: bool = True, overwrite: bool = False,
-                     cache_dir: str | os.PathLike | None = None):
+def train_classifier(data, workdir: str | os.PathLike, config: RunConfig | None = None, *,
+                     progress: bool = True, overwrite: bool = False,
+                     cache_dir: str | os.PathLike | None = None, **options):
     """The paper's classification model: frozen-backbone features → per-gene elastic-net
     logistic regression of high (per-sample z > 0) vs low; saved in ``workdir/model``.
-    Every sample trains (no early stopping to validate)."""
+    Every sample trains (no early stopping to validate). Reads, QC, stain, caching and
+    resume are the ensemble's (:func:`train`)."""
     from stimage_jax.classify import CLASSIFIER_FORMAT, ClassifierModel, fit_classifier
 
-    sources = _parse_sources(backbone, None, weights)
-    if len(sources) != 1:
-        raise StimageError("--task classify uses one backbone")
-    src = sources[0]
+    cfg = run_config(config, **options).override(task="classify").check()
     workdir = Path(workdir).absolute()
-    adatas = split_samples(_load(data))
-    gene_list = select_genes(genes, adatas)
-    geometry = {"tile_um": _tile_um(adatas, tile_um), "tile_px": int(tile_px)}
-    stain_ref = None
-    if stain not in (None, "none"):
-        template = stain_template or sample_image_path(adatas[0], _sample_id(adatas[0]))
-        stain_ref = fit_stain(stain, lowres_view(load_image(template)))
-    fp = weights_fingerprint(src["weights"])
-    request = {"task": "classify", "data_samples": [_sample_id(a) for a in adatas], "genes": gene_list,
-               "backbone": src["backbone"], "weights_fingerprint": fp, "C": C, "l1_ratio": l1_ratio, "seed": seed,
-               "stain": stain_tag(stain_ref), "min_coverage": min_coverage, **geometry}
-    req_file = workdir / "request.json"
-    if req_file.exists() and json.loads(req_file.read_text()) != request and not overwrite:
-        raise StimageError(f"workdir {workdir} holds a different run; use another --workdir or pass --overwrite")
-    if req_file.exists() and json.loads(req_file.read_text()) == request and (workdir / "model" / "model.json").exists():
-        return ClassifierModel.load(workdir / "model")
-    workdir.mkdir(parents=True, exist_ok=True)
-    with atomic_path(req_file) as tmp:
-        tmp.write_text(json.dumps(request, indent=1))
-    low = {}
-    if min_coverage > 0:
-        kept = [filter_by_coverage(a, min_coverage, **geometry) for a in adatas]
-        low = {_sample_id(a): a.n_obs - k.n_obs for a, k in zip(adatas, kept)}
-        adatas = kept
-    cache = Path(cache_dir).absolute() if cache_dir is not None else workdir / "cache"
-    bb = create_backbone(src["backbone"], rngs=nnx.Rngs(seed), weights=src["weights"])
-    feats = sample_features(bb, adatas, {"backbone": src["backbone"], **geometry}, fp, cache, feature_batch_size,
-                            progress, stain=stain_ref)
-    counts = np.concatenate([counts_matrix(a, gene_list) for a in adatas])
-    samples = np.concatenate([np.full(a.n_obs, _sample_id(a)) for a in adatas])
-    ref = fit_classifier(np.concatenate(feats), counts, samples, gene_list, C=C, l1_ratio=l1_ratio, seed=seed,
-                         progress=progress)
-    cfg = {"format": CLASSIFIER_FORMAT, "task": "classify", "version": __version__, "genes": gene_list,
-           "backbone": src["backbone"], "weights": src["weights"], "weights_fingerprint": fp,
-           "num_features": int(feats[0].shape[1]), "seed": seed, "classifier": ref.params,
-           "labels": "high = count above the gene's mean within its sample (per-sample z-score > 0)",
-           "stain": None if stain_ref is None else stain_ref.to_dict(), "min_coverage": min_coverage,
-           "dropped_low_coverage": low, "training_samples": [_sample_id(a) for a in adatas],
-           "trained_at": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"), **geometry}
-    model = ClassifierModel(cfg, bb, ref)
-    model.save(workdir / "model")
+    run = _prepare(data, cfg)
+    src = run.sources[0]
+    with workdir_lock(workdir):
+        done = _claim_workdir(workdir, _request(run), overwrite, lambda: ClassifierModel.load(workdir / "model"))
+        if done is not None:
+            return done
+        cache = Path(cache_dir).absolute() if cache_dir is not None else workdir / "cache"
+        backbones, feats = _backbone_features(run, cache, progress)
+        counts = np.concatenate([counts_matrix(a, run.genes) for a in run.adatas])
+        samples = np.concatenate([np.full(a.n_obs, _sample_id(a)) for a in run.adatas])
+        ref = fit_classifier(np.concatenate(feats[src["name"]]), counts, samples, run.genes, C=cfg.classify.C,
+                             l1_ratio=cfg.classify.l1_ratio, seed=cfg.seed, progress=progress)
+        mcfg = {"format": CLASSIFIER_FORMAT, "task": "classify", "version": __version__, "genes": run.genes,
+                "backbone": src["backbone"], "weights": src["weights"], "weights_fingerprint": src["weights_fingerprint"],
+                "num_features": src["num_features"], "seed": cfg.seed, "classifier": ref.params,
+                "labels": "high = count above the gene's mean within its sample (per-sample z-score > 0)",
+                "stain": None if run.stain_ref is None else run.stain_ref.to_dict(),
+                "min_coverage": cfg.features.min_coverage, "dropped_low_coverage": run.low_coverage,
+                "training_samples": run.sample_ids,
+                "trained_at": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"), **run.geometry}
+        model = ClassifierModel(mcfg, backbones[src["name"]], ref)
+        model.save(workdir / "model")
     return model
 
 
 def predict_classifier(adata: ad.AnnData, model, *, batch_size: int = 32, progress: bool = True,
                        features: np.ndarray | None = None) -> ad.AnnData:
     """``layers["p_high"]`` (and X) = probability of high expression per spot and gene."""
-    cfg = model.config
-    if features is None:
-        tiles = spot_tiles(adata, tile_um=cfg["tile_um"], tile_px=cfg["tile_px"], progress=progress, stain=model.stain)
-        p = model.p_high(tiles, batch_size=batch_size, progress=progress)
-    else:
-        p = model.p_high(features=features)
-    out = ad.AnnData(X=p, obs=adata.obs.copy(), var=pd.DataFrame(index=pd.Index(model.genes)))
-    out.layers[keys.P_HIGH] = p
-    if keys.SPATIAL in adata.obsm:
-        out.obsm[keys.SPATIAL] = np.asarray(adata.obsm[keys.SPATIAL])
-    if keys.SPATIAL_UNS in adata.uns:
-        out.uns[keys.SPATIAL_UNS] = adata.uns[keys.SPATIAL_UNS]
-    src = dict(adata.uns.get(keys.STIMAGE_UNS, {}))
-    out.uns[keys.STIMAGE_UNS] = {
-        **{k: v for k, v in src.items() if k in (keys.MPP, keys.SPOT_DIAMETER_UM, keys.PLATFORM, keys.LIBRARY_ID)},
-        keys.PREDICTION: {"task": "classify", "backbone": cfg["backbone"], "genes": cfg["genes"],
-                          "tile_um": cfg["tile_um"], "tile_px": cfg["tile_px"], "version": __version__,
-                          "training_samples": cfg["training_samples"],
-                          "stain": (cfg.get("stain") or {}).get("method", "none")}}
-    return out
-
-
-def load_model(path: str | os.PathLike):
-    """An :class:`EnsembleModel` or a classification model, by what ``model.json`` says."""
-    from stimage_jax.classify import CLASSIFIER_FORMAT, ClassifierModel
-
-    p = Path(path)
-    meta = p / "model" / "model.json" if (p / "model" / "model.json").is_file() else p / "model.json"
-    if meta.is_file():
-        try:
-            cfg = json.loads(meta.read_text())
-        except json.JSONDecodeError as e:
-            raise StimageError(f"{meta} is corrupt: {e}") from None
-        if cfg.get("format") == CLASSIFIER_FORMAT:
-            return ClassifierModel.load(meta.parent, cfg)
-    return EnsembleModel.load(path)
+    return predict(adata, model, batch_size=batch_size, progress=progress, features=features)

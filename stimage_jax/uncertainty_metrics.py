@@ -3,7 +3,7 @@
 Pure NumPy/SciPy (no JAX). The predictive distribution of a spot and gene is the
 equal-weight mixture of the ensemble members' negative binomials, NB(mean mu, dispersion
 r) with variance mu + mu²/r; member parameters ``mu``, ``r`` are shaped (M, N, G) —
-members on axis 0, as in :mod:`export.moments` — and observed counts ``y`` (N, G).
+members on axis 0, as in :mod:`export.runtime.moments` — and observed counts ``y`` (N, G).
 Every function also accepts any trailing shape S: mu, r (M, *S), y S.
 
 * :func:`nb_mixture_crps` — continuous ranked probability score for counts.
@@ -49,7 +49,7 @@ def _params(y, mu, r) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
 
 
 def _mixture_cdf(k: np.ndarray, mu: np.ndarray, r: np.ndarray) -> np.ndarray:
-    from export.moments import _mixture_cdf as cdf  # one definition of the mixture CDF
+    from export.runtime.moments import _mixture_cdf as cdf  # one definition of the mixture CDF
 
     return cdf(k, mu, r)
 
@@ -172,7 +172,7 @@ def interval_coverage_curve(y, mu, r, levels=DEFAULT_LEVELS) -> dict[str, np.nda
     """Coverage per nominal level, for a calibration plot: y (N, G), mu, r (M, N, G).
 
     Returns ``level`` (L,), ``interval`` (L, G) — fraction of spots with y inside the
-    inclusive quantile interval [q_lo, q_hi] of :func:`export.moments.predictive_interval`
+    inclusive quantile interval [q_lo, q_hi] of :func:`export.runtime.moments.predictive_interval`
     — and ``pit`` (L, G) — :func:`pit_coverage`.
 
     The interval coverage is read off the PIT instead of bisecting quantiles per level:

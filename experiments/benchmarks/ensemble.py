@@ -31,7 +31,7 @@ from flax import nnx
 from data_pipelines.slides import read_h5ad
 from data_pipelines.stain_normalisation import fit_stain
 from data_pipelines.tiles import load_image, lowres_view, sample_image_path, stain_tag
-from export.moments import mixture_logpmf, predictive_interval
+from export.runtime.moments import mixture_logpmf, predictive_interval
 from stimage_jax.ensemble.model import STimageNet
 from stimage_jax.ensemble.stacked import create_members, fit_ensemble
 from stimage_jax.ensemble.train import TrainConfig

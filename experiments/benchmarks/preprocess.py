@@ -15,7 +15,7 @@ Fields:
 - ``pipeline_vs_model``: end-to-end slide → h5ad throughput divided by model-only throughput,
   same run. Model: a 1-member EfficientNet-Lite0 model with Vahadane stain normalisation,
   trained on HER2ST C2+C3 for 3 epochs (``stimage_jax.pipeline.train``; cached in the
-  workdir). Pipeline (``pipeline_tiles_per_s``): ``export.prediction.slide_to_files`` on the
+  workdir). Pipeline (``pipeline_tiles_per_s``): ``export.runtime.prediction.slide_to_files`` on the
   C4 H&E JPEG opened at the mpp HER2ST's reader estimates, with the model's
   ``member_params`` as ``stimage predict --slide`` calls it (reading, tiling, tissue QC,
   Vahadane, model, writing the .h5ad), after the model was compiled at the batch size.
@@ -118,9 +118,9 @@ def stain_speed(adatas: dict, n_tiles: int, reps: int) -> tuple[dict, np.ndarray
 # ---------------------------------------------------------------- pipeline vs model
 def pipeline_vs_model(shared: Path, adatas: dict, wd: Path, tiles: np.ndarray, batch: int, pipe_reps: int,
                       model_tiles: int) -> dict:
-    from export.prediction import slide_to_files
+    from export.runtime.prediction import slide_to_files
     from stimage_jax.ensemble.train import TrainConfig
-    from stimage_jax.pipeline import provenance, train
+    from stimage_jax.pipeline import train
 
     t0 = time.perf_counter()
     model = train([adatas[s] for s in TRAIN], wd / "model_effnet", backbone="efficientnet_lite0", members=1,
@@ -144,20 +144,23 @@ def pipeline_vs_model(shared: Path, adatas: dict, wd: Path, tiles: np.ndarray, b
 
     calls: list[float] = []
 
-    def params_fn(t):  # exactly what cmd_predict passes, timed
-        s = time.perf_counter()
-        out = model.member_params(t, batch_size=len(t), progress=False)
-        calls.append(time.perf_counter() - s)
-        return out
+    class Timed:  # the model itself, its params() timed
+        def __getattr__(self, name):
+            return getattr(model, name)
+
+        def params(self, t, **kw):
+            s = time.perf_counter()
+            out = model.params(t, **kw)
+            calls.append(time.perf_counter() - s)
+            return out
 
     out = wd / "C4_slide_pred.h5ad"
     model_s, runs = [model_only()], []
     for _ in range(pipe_reps):
         calls.clear()
         t = time.perf_counter()
-        pred, _ = slide_to_files(slide_path, params_fn, model.genes, {**provenance(cfg), "runtime": "jax"}, out,
-                                 tile_um=cfg["tile_um"], tile_px=cfg["tile_px"], mpp=mpp, batch_size=batch,
-                                 overwrite=True, progress=False, stain=model.stain)
+        pred, _ = slide_to_files(slide_path, Timed(), out, mpp=mpp, batch_size=batch, overwrite=True,
+                                 progress=False)
         runs.append({"s": time.perf_counter() - t, "model_s": sum(calls), "last_batch_s": calls[-1]})
         log(f"pipeline: {pred.n_obs} tiles in {runs[-1]['s']:.1f} s (model {runs[-1]['model_s']:.1f} s)")
         model_s.append(model_only())

@@ -1,6 +1,7 @@
-"""Cells in H&E: classical nucleus segmentation and HoVer-Net's instance metrics.
-
-NumPy/SciPy/scikit-image only (no JAX): both run anywhere ``data_pipelines`` runs.
+"""Cells in H&E: classical nucleus segmentation (``nuclei``), HoVer-Net's instance
+metrics (``instance_metrics``) and post-processing, and the HoVer-Net-style network
+(``hovernet``, ``train``: JAX/Flax). The names imported here (segmentation and metrics)
+are NumPy/SciPy/scikit-image only; the network modules import JAX when used.
 """
 
 from stimage_jax.cells.instance_metrics import (aji, aji_plus, centroids, dice, f1_detection, instance_stats,

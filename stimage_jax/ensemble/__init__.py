@@ -1,5 +1,7 @@
-"""Ensembles of NB models and their moments."""
+"""Ensembles of NB models: stacked members, their training and the saved model.
 
-from stimage_jax.ensemble.moments import ensemble_moments
+Ensemble moments and the NB-mixture interval live on the JAX-free side
+(:mod:`export.runtime.moments`), the one implementation every runtime uses.
+"""
 
-__all__ = ["ensemble_moments"]
+__all__: list[str] = []

@@ -16,6 +16,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+from functools import partial
 from pathlib import Path
 
 import jax
@@ -26,13 +27,61 @@ from flax import nnx
 
 from data_pipelines.errors import StimageError
 from data_pipelines.io import atomic_dir
+from export.runtime.predictor import REGRESS, resolve_model_dir
+from stimage_jax import __version__
 from stimage_jax.features.registry import create_backbone
 from stimage_jax.nb.distribution import params_from_logits
 from stimage_jax.nb.head import NBHead
 
-__all__ = ["STimageNet", "EnsembleModel", "MODEL_FORMAT", "build_member"]
+__all__ = ["STimageNet", "EnsembleModel", "MODEL_FORMAT", "build_member", "forward", "heads_forward",
+           "model_provenance"]
 
 MODEL_FORMAT = "stimage-jax/2"
+
+
+def model_provenance(cfg: dict) -> dict:
+    """What a prediction records about the model that made it (model.json → uns; the same
+    dict goes into an exported model's metadata)."""
+    return {"backbone": cfg["backbone"], "genes": cfg["genes"], "tile_um": cfg["tile_um"],
+            "tile_px": cfg["tile_px"], "members": cfg["members"], "fine_tune": cfg["fine_tune"],
+            "model_version": cfg["version"], "version": __version__, "training_samples": cfg["training_samples"],
+            "nb_parameterisation": cfg["nb_parameterisation"], "target": cfg["train"]["loss"],
+            "stain": (cfg.get("stain") or {}).get("method", "none")}
+
+
+def _point_params(log1p_pred, _unused):
+    """A log1p-MSE model predicts a point, not a distribution: mean expm1(out), r = inf."""
+    return jnp.expm1(jnp.maximum(log1p_pred, 0.0)), jnp.full_like(log1p_pred, jnp.inf)
+
+
+def heads_forward(members, member_sources, point: bool, feats: dict, tiles=None):
+    """Every member's NB parameters → (mu, r), each (M, B, G).
+
+    feats: (B, D_s) features by source name (the frozen backbones' outputs or precomputed
+    embeddings); a member whose source has no features (a fine-tuned network) reads
+    ``tiles`` (B, H, W, 3) uint8. Members run in a Python loop, never ``vmap``: jax2onnx
+    exports ``vmap`` over convolutions with wrong numbers, and on CPU a loop is faster.
+    """
+    to_params = _point_params if point else params_from_logits
+    mus, rs = [], []
+    for mem, src in zip(members, member_sources):
+        mu, r = to_params(*(mem(feats[src]) if src in feats else mem(tiles)))
+        mus.append(mu)
+        rs.append(r)
+    return jnp.stack(mus), jnp.stack(rs)
+
+
+def forward(backbones: dict, members, member_sources, point: bool, tiles):
+    """uint8 tiles (B, H, W, 3) → (mu, r), each (M, B, G): THE forward pass. Each frozen
+    backbone runs once and all its heads reuse its features. ``EnsembleModel.params`` runs
+    it in batches (features cached); ``export.to_onnx`` traces it into the graph."""
+    feats = {name: bb(tiles) for name, bb in backbones.items()}
+    return heads_forward(members, member_sources, point, feats, tiles)
+
+
+@partial(nnx.jit, static_argnums=(1, 2))
+def _heads_jit(members, member_sources, point, feats, tiles):
+    return heads_forward(members, member_sources, point, feats, tiles)
 
 
 class STimageNet(nnx.Module):
@@ -92,11 +141,52 @@ def _abstract_host(module):
 
 @dataclasses.dataclass
 class EnsembleModel:
-    """config (model.json), frozen backbones by source name, and the member modules."""
+    """config (model.json), frozen backbones by source name, and the member modules.
+
+    A :class:`~export.runtime.predictor.Predictor` (task ``regress``): ``params(tiles)``
+    returns every member's NB ``mu`` and ``r``.
+    """
 
     config: dict
     backbones: dict[str, nnx.Module]
     members: list
+    embeddings_override: str | None = None  # read embedding sources from this key/folder instead
+    task = REGRESS
+
+    def spot_features(self, adata) -> dict:
+        """Precomputed embeddings of ``adata``'s spots by source name (``obsm[key]`` or
+        ``key/<sample>.npy``); {} for a tiles-only model."""
+        from stimage_jax.features.embeddings import load_embeddings
+
+        return {s["name"]: load_embeddings(adata, self.embeddings_override or s["key"])
+                for s in self.embedding_sources()}
+
+    @property
+    def tile_um(self) -> float | None:
+        return None if self.config["tile_um"] is None else float(self.config["tile_um"])
+
+    @property
+    def tile_px(self) -> int | None:
+        return None if self.config["tile_px"] is None else int(self.config["tile_px"])
+
+    @property
+    def provenance(self) -> dict:
+        return {**model_provenance(self.config), "runtime": "jax"}
+
+    @property
+    def point(self) -> bool:
+        """A log1p-MSE model: point predictions (r = inf), not NB distributions."""
+        return self.config["train"]["loss"] == "mse_log1p"
+
+    def needs_tiles(self, features: dict | None = None) -> bool:
+        have = set(features or {})
+        return self.config["fine_tune"] or any(s["name"] not in have for s in self.sources
+                                               if s["kind"] == "backbone")
+
+    def params(self, tiles, *, batch_size: int = 32, progress: bool = False, features=None) -> dict:
+        """uint8 tiles (N, H, W, 3) and/or features by source → {"mu", "r"}, each (M, N, G)."""
+        mu, r = self.member_params(tiles, batch_size=batch_size, progress=progress, features=features)
+        return {"mu": mu, "r": r}
 
     @property
     def genes(self) -> list[str]:
@@ -146,9 +236,7 @@ class EnsembleModel:
 
     @classmethod
     def load(cls, model_dir: str | os.PathLike) -> "EnsembleModel":
-        model_dir = Path(model_dir)
-        if (model_dir / "model" / "model.json").is_file():  # a workdir was given
-            model_dir = model_dir / "model"
+        model_dir = resolve_model_dir(model_dir)
         meta = model_dir / "model.json"
         if not meta.is_file():
             raise StimageError(f"{model_dir} is not a trained model (no model.json); "
@@ -228,34 +316,27 @@ class EnsembleModel:
                       features=None):
         """uint8 tiles (N, H, W, 3) → NB (mu, r), each (M, N, G) float32 numpy.
 
-        On CPU members are stepped in a loop (grouped convolutions make ``vmap`` slower
-        there); each frozen backbone runs once and all its heads reuse its features.
-        ``features``: see :meth:`source_features`.
+        Frozen backbones run once over the tiles in batches (:meth:`source_features`), then
+        :func:`heads_forward` runs every member on the features; fine-tuned members run it
+        on tile batches. ``features``: see :meth:`source_features`.
         """
-        to_params = _point_params if self.config["train"]["loss"] == "mse_log1p" else params_from_logits
-        mus, rs = [], []
+        sources = tuple(self.member_sources)
         if not self.config["fine_tune"]:
             feats = self.source_features(tiles, features=features, batch_size=batch_size, progress=progress)
-            for mem, src in zip(self.members, self.member_sources):
-                mu, r = to_params(*_apply(mem, jnp.asarray(feats[src])))
-                mus.append(np.asarray(mu)); rs.append(np.asarray(r))
-        else:
-            for mem in self.members:
-                outs = [to_params(*_apply(mem, jnp.asarray(np.asarray(tiles[s:s + batch_size]))))
-                        for s in range(0, len(tiles), batch_size)]
-                mus.append(np.concatenate([np.asarray(o[0]) for o in outs]))
-                rs.append(np.concatenate([np.asarray(o[1]) for o in outs]))
-        return np.stack(mus), np.stack(rs)
-
-
-def _point_params(log1p_pred, _unused):
-    """A log1p-MSE model predicts a point, not a distribution: mean expm1(out), r = inf."""
-    return jnp.expm1(jnp.maximum(log1p_pred, 0.0)), jnp.full_like(log1p_pred, jnp.inf)
-
-
-@nnx.jit
-def _apply(module, x):
-    return module(x)
+            mu, r = _heads_jit(self.members, sources, self.point,
+                               {k: jnp.asarray(v) for k, v in feats.items()}, None)
+            return np.asarray(mu), np.asarray(r)
+        if tiles is None:
+            raise StimageError("a fine-tuned model needs tiles")
+        # One member per call: the program is compiled once and reused by every member
+        # (all M networks in one program would compile M times as long).
+        mus, rs = [], []
+        for mem, src in zip(self.members, sources):
+            outs = [_heads_jit([mem], (src,), self.point, {}, jnp.asarray(np.asarray(tiles[s:s + batch_size])))
+                    for s in range(0, len(tiles), batch_size)]
+            mus.append(np.concatenate([np.asarray(o[0]) for o in outs], axis=1))
+            rs.append(np.concatenate([np.asarray(o[1]) for o in outs], axis=1))
+        return np.concatenate(mus), np.concatenate(rs)
 
 
 def _load_into(module, pure: dict) -> None:

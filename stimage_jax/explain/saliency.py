@@ -16,6 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from data_pipelines.errors import StimageError
+from export.runtime.predictor import CLASSIFY
 
 __all__ = ["smoothgrad", "gene_mean_fn", "gene_forward_fn"]
 
@@ -25,53 +26,46 @@ def _as_uint8(tiles) -> np.ndarray:
     return t if t.dtype == np.uint8 else np.clip(np.rint(t), 0, 255).astype(np.uint8)
 
 
-def gene_forward_fn(model, gene: str) -> Callable:
-    """Forward only (LIME): tiles (B, H, W, 3), rounded to uint8 as a tile file would be →
-    (B,) NumPy outputs, through the model's compiled batch path (or onnxruntime)."""
-    from export.predict import OnnxEnsemble
-    from stimage_jax.classify import ClassifierModel
-
-    if isinstance(model, OnnxEnsemble):
-        return gene_mean_fn(model, gene)
+def _gene_index(model, gene: str) -> int:
     if gene not in model.genes:
         raise StimageError(f"gene {gene!r} is not predicted by this model")
-    g = model.genes.index(gene)
+    if getattr(model, "embedding_sources", lambda: [])():
+        raise StimageError("explanations need a model that reads tiles; this one reads precomputed embeddings")
+    return model.genes.index(gene)
+
+
+def gene_forward_fn(model, gene: str) -> Callable:
+    """Forward only (LIME), for any :class:`~export.runtime.predictor.Predictor` (JAX or
+    ONNX): tiles (B, H, W, 3), rounded to uint8 as a tile file would be → (B,) NumPy
+    outputs — the members' mean NB mean of ``gene``, or P(high) for a classifier — through
+    the model's compiled batch path."""
+    g = _gene_index(model, gene)
 
     def fn(tiles):
         t = _as_uint8(tiles)
-        if isinstance(model, ClassifierModel):
-            return model.p_high(t, batch_size=len(t))[:, g]
-        if model.embedding_sources():
-            raise StimageError("LIME needs a model that reads tiles; this one reads precomputed embeddings")
-        return np.asarray(model.member_params(t, batch_size=len(t), progress=False)[0])[:, :, g].mean(0)
+        out = model.params(t, batch_size=len(t), progress=False)
+        return out["p_high"][:, g] if model.task == CLASSIFY else np.asarray(out["mu"])[:, :, g].mean(0)
     return fn
 
 
 def gene_mean_fn(model, gene: str) -> Callable:
     """tiles float (B, H, W, 3) → (B,) the ensemble's mean NB mean of ``gene`` (for a
     classification model: its probability of high expression). Differentiable (JAX
-    models), traced op by op unless the caller jits it."""
-    from export.predict import OnnxEnsemble
-    from export.to_onnx import graph_function
+    models: the model's own :func:`~stimage_jax.ensemble.model.forward`), traced op by
+    op unless the caller jits it; an ONNX model gives its forward pass only."""
     from stimage_jax.classify import ClassifierModel
+    from stimage_jax.ensemble.model import EnsembleModel, forward
 
-    if gene not in model.genes:
-        raise StimageError(f"gene {gene!r} is not predicted by this model")
-    g = model.genes.index(gene)
-    if isinstance(model, OnnxEnsemble):  # forward only (LIME): onnxruntime reads uint8 tiles
-        def onnx_fn(tiles):
-            t = _as_uint8(tiles)
-            return model.params(t, batch_size=len(t))[0][:, :, g].mean(0)
-        return onnx_fn
+    g = _gene_index(model, gene)
     if isinstance(model, ClassifierModel):
         ref = model.ref
         mean, scale = jnp.asarray(ref.mean), jnp.asarray(ref.scale)
         w, b = jnp.asarray(ref.coef[g]), float(ref.intercept[g])
         return lambda tiles: jax.nn.sigmoid(((model.backbone(tiles) - mean) / scale) @ w + b)
-    if model.embedding_sources():
-        raise StimageError("saliency needs a model that reads tiles; this one reads precomputed embeddings")
-    fn = graph_function(model)
-    return lambda tiles: fn(tiles)[0][:, :, g].mean(0)
+    if not isinstance(model, EnsembleModel):  # onnxruntime: forward passes only
+        return gene_forward_fn(model, gene)
+    sources = tuple(model.member_sources)
+    return lambda tiles: forward(model.backbones, model.members, sources, model.point, tiles)[0][:, :, g].mean(0)
 
 
 def smoothgrad(fn: Callable, tile: np.ndarray, *, key: jax.Array, n_samples: int = 25,

@@ -26,9 +26,7 @@ def spot_tile(adata, model, spot: str) -> np.ndarray:
 
 
 def tile_geometry_of(model) -> tuple[float, int]:
-    """(tile_um, tile_px) of a JAX model (model.json) or an ONNX one (its metadata)."""
-    if hasattr(model, "config"):
-        return float(model.config["tile_um"]), int(model.config["tile_px"])
+    """(tile_um, tile_px) of any predictor (JAX model or ONNX session)."""
     return float(model.tile_um), int(model.tile_px)
 
 

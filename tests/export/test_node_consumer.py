@@ -44,7 +44,8 @@ def test_node_means_equal_python(node_consumer, synthetic_study, tmp_path):
                            str(tmp_path / "tiles.u8"), "5"], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     got = json.loads(proc.stdout)
-    mu, r = OnnxEnsemble(model_path).params(tiles)
+    out = OnnxEnsemble(model_path).params(tiles)
+    mu, r = out["mu"], out["r"]
     assert (got["members"], got["tiles"], got["genes"]) == (2, 5, 3)
     np.testing.assert_allclose(np.asarray(got["mean"]), mu.mean(0), rtol=1e-5)
     np.testing.assert_allclose(np.asarray(got["r"]).reshape(r.shape), r, rtol=1e-6)

@@ -9,6 +9,7 @@ import textwrap
 import anndata as ad
 import jax.numpy as jnp
 import numpy as np
+import pandas as pd
 import onnx
 import pytest
 
@@ -46,7 +47,8 @@ def test_parity_with_jax_at_batch_1_7_64(synthetic_study, tmp_path, extra):
     fn = graph_function(model)
     for b in (1, 7, 64):
         mu_j, r_j = (np.asarray(v) for v in fn(jnp.asarray(tiles[:b])))
-        mu_o, r_o = onx.params(tiles[:b], batch_size=b)
+        out = onx.params(tiles[:b], batch_size=b)
+        mu_o, r_o = out["mu"], out["r"]
         assert mu_o.shape == (2, b, 3)
         # Fine-tuned members each carry their own convolutions: a vmap'ed export would differ here
         assert _max_rel(mu_o, mu_j) <= 1e-4 and _max_rel(r_o, r_j) <= 1e-4
@@ -88,6 +90,23 @@ def test_onnx_runtime_needs_no_jax_and_matches_jax_predict(synthetic_study, tmp_
     np.testing.assert_allclose(b.X, a.X, rtol=1e-4)
     np.testing.assert_allclose(b.layers[keys.VAR_EPISTEMIC], a.layers[keys.VAR_EPISTEMIC], rtol=1e-3, atol=1e-6)
     assert b.uns[keys.STIMAGE_UNS]["prediction"]["runtime"] == "onnxruntime"
+    assert a.uns[keys.STIMAGE_UNS]["prediction"]["runtime"] == "jax"
+    # The whole AnnData agrees, not only the numbers: one prediction path for both runtimes.
+    assert keys.TISSUE_COVERAGE in a.obs
+    pd.testing.assert_frame_equal(a.obs, b.obs)
+    assert set(a.obsm) == set(b.obsm) == {keys.SPATIAL, keys.MEMBER_MU, keys.MEMBER_R}
+    np.testing.assert_array_equal(a.obsm[keys.SPATIAL], b.obsm[keys.SPATIAL])
+    for k in (keys.MEMBER_MU, keys.MEMBER_R):
+        np.testing.assert_allclose(b.obsm[k], a.obsm[k], rtol=1e-4)
+    for k in a.layers:
+        np.testing.assert_allclose(b.layers[k], a.layers[k], rtol=1e-3, atol=1e-5)
+    assert set(a.uns) == set(b.uns) and set(a.uns[keys.STIMAGE_UNS]) == set(b.uns[keys.STIMAGE_UNS])
+    pa, pb = dict(a.uns[keys.STIMAGE_UNS]["prediction"]), dict(b.uns[keys.STIMAGE_UNS]["prediction"])
+    pb.pop("providers")
+    pa.pop("runtime"), pb.pop("runtime")
+    assert set(pa) == set(pb)
+    for k in pa:
+        np.testing.assert_equal(np.asarray(pa[k]), np.asarray(pb[k]))
 
 
 def test_stimage_predict_delegates_to_onnx(synthetic_study, tmp_path, capsys):
@@ -128,7 +147,7 @@ def test_large_models_use_external_data(synthetic_study, tmp_path, monkeypatch):
     assert (tmp_path / "big.onnx.data").stat().st_size > 1000  # tensors >= 1 KB moved out
     tiles = np.random.default_rng(0).integers(0, 256, (3, 32, 32, 3), dtype=np.uint8)
     mu_j, _ = graph_function(EnsembleModel.load(wd))(jnp.asarray(tiles))
-    np.testing.assert_allclose(OnnxEnsemble(path).params(tiles)[0], np.asarray(mu_j), rtol=1e-4)
+    np.testing.assert_allclose(OnnxEnsemble(path).params(tiles)["mu"], np.asarray(mu_j), rtol=1e-4)
 
 
 def test_unrunnable_opset_is_a_clear_error(synthetic_study, tmp_path):

@@ -97,7 +97,7 @@ def test_fine_tune_trains_backbone(synthetic_study, tmp_path):
 @pytest.mark.parametrize("args, message", [
     (["train", "--data", "nope.h5ad", "--workdir", "w"], "nope.h5ad"),
     (["train", "--genes", "A,NOTAGENE", "--members", "1"], "NOTAGENE"),
-    (["train", "--genes", "A", "--members", "0"], "--members must be >= 1"),
+    (["train", "--genes", "A", "--members", "0"], "--members: must be at least 1"),
     (["train", "--genes", "A", "--backbone", "vgg"], "unknown backbone 'vgg'"),
     (["predict", "--model", "missing_dir", "--out", "p.h5ad"], "not a trained model"),
 ])
@@ -148,7 +148,7 @@ def test_log1p_target_is_a_point_model(synthetic_study, tmp_path):
 
 def _nb_pred_file(truth_path, tmp_path, members=2):
     """A prediction .h5ad built straight from random NB parameters (no training)."""
-    from export.prediction import build_prediction
+    from export.runtime.prediction import build_prediction
 
     truth = ad.read_h5ad(truth_path)
     rng = np.random.default_rng(5)

@@ -37,7 +37,7 @@ def test_loso_cli_all_methods_resume_and_outputs(synthetic_study, tmp_path, caps
     # The single model is member 0 of the ensemble: its fold CSV equals a direct evaluation.
     from stimage_jax.ensemble.model import EnsembleModel
     import anndata as ad
-    from export.prediction import build_prediction
+    from export.runtime.prediction import build_prediction
     from stimage_jax.metrics import evaluate
 
     model = EnsembleModel.load(wd / "folds" / "s2" / "stimage")

@@ -56,7 +56,7 @@ def test_uncertainty_columns_coverage_and_mixture_nll(rng):
     from scipy.stats import nbinom
 
     from data_pipelines import keys
-    from export.prediction import build_prediction
+    from export.runtime.prediction import build_prediction
 
     n, m = 300, 3
     mu = rng.gamma(3.0, 2.0, size=(m, n, 2))
@@ -77,7 +77,7 @@ def test_uncertainty_columns_coverage_and_mixture_nll(rng):
 def _nb_prediction(rng, n=120, m=3, interval=0.8, r_value=None):
     from scipy.stats import nbinom
 
-    from export.prediction import build_prediction
+    from export.runtime.prediction import build_prediction
 
     mu = rng.gamma(3.0, 2.0, size=(m, n, 2))
     r = rng.uniform(1.0, 4.0, size=(m, n, 2)) if r_value is None else np.full((m, n, 2), r_value)

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 from scipy.stats import nbinom, poisson
 
-from export.moments import predictive_interval
+from export.runtime.moments import predictive_interval
 from stimage_jax.uncertainty_metrics import (
     interval_coverage_curve, nb_mixture_crps, nb_mixture_crps_per_gene, nb_mixture_pit, pit_coverage,
     pit_coverage_from_pit, sparsification_error,
@@ -160,7 +160,7 @@ def test_uncertainty_maps_without_truth_and_their_errors(rng, tmp_path):
     import pandas as pd
 
     from data_pipelines.errors import StimageError
-    from export.prediction import build_prediction
+    from export.runtime.prediction import build_prediction
     from stimage_jax.plots import plot_calibration, plot_uncertainty_maps
 
     n = 12

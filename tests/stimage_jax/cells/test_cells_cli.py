@@ -1,6 +1,6 @@
 """``stimage cells`` train / predict / evaluate on a synthetic folder (tiny model, 64² patches):
 outputs, resume and budget, one-line errors. The parser is built here with
-``add_cells_parser``, so the tests do not depend on the main CLI's wiring."""
+``stimage_jax.cli.cells.add_parser``, so the tests do not depend on the main CLI's wiring."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ import pandas as pd
 import pytest
 
 from data_pipelines.errors import StimageError
-from stimage_jax.cells.cli import add_cells_parser
+from stimage_jax.cli.cells import add_parser as add_cells_parser
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
 

@@ -1,7 +1,7 @@
 """Ensemble moments and NB-mixture intervals in NumPy (no JAX: the ONNX runtime uses it).
 
-Mirrors :func:`stimage_jax.ensemble.moments.ensemble_moments`; tests feed both the same
-vectors. Intervals come from the equal-weight mixture of the members' NB distributions:
+The one implementation of the ensemble moments: the JAX and ONNX paths both reach it through
+:func:`export.runtime.prediction.build_prediction`. Intervals come from the equal-weight mixture of the members' NB distributions:
 ``q_lo`` is the smallest count k with mixture CDF(k) >= (1 - level) / 2, ``q_hi`` the
 smallest with CDF(k) >= (1 + level) / 2 (so the 80 % interval is [q10, q90]).
 """

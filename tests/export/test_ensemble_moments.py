@@ -1,9 +1,10 @@
-"""Ensemble moments: law of total variance, checked by Monte Carlo and by hand."""
+"""Ensemble moments (the one NumPy implementation every runtime uses): law of total
+variance, checked by Monte Carlo and by hand."""
 
 import numpy as np
 from scipy.stats import nbinom
 
-from stimage_jax.ensemble import ensemble_moments
+from export.runtime.moments import ensemble_moments_np as ensemble_moments
 
 
 def test_one_member_equals_single_model(rng):

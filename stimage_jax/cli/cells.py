@@ -1,0 +1,156 @@
+"""``stimage cells``: train, apply and score the HoVer-Net-style nucleus model.
+
+    stimage cells train --data DIR --workdir W [--backbone efficientnet_lite0|resnet50|tiny]
+                        [--minutes M] [--steps N] [--batch-size B] [--lr LR] ...
+    stimage cells predict --model W --image TILE.png --out INSTANCES.png
+    stimage cells evaluate --pred INSTANCES.png --truth XML_OR_INSTANCES --out metrics.json
+    stimage cells export-onnx --model W --out cells.onnx [--size 256]
+
+``predict`` writes the instance map (16-bit PNG, or ``.npy``), ``<stem>_types.csv`` (one
+row per nucleus: id, centroid x/y, area, and with a TC branch its type, type name, the
+fraction of its pixels voting for it and the mean probability of every class) and
+``<stem>_entropy.npy`` / ``<stem>_entropy.png`` (per-pixel entropy in nats of the type
+probabilities — of the nucleus/background probability for a model without types; the
+PNG scales 0..log K to 0..255). ``evaluate`` writes HoVer-Net's instance metrics as JSON,
+plus type metrics when the prediction has types and the truth a type table
+(``--truth-types``, or ``<truth stem>_types.csv`` beside the truth).
+
+``add_parser(subparsers)`` adds the ``cells`` command to the main parser; handlers raise
+:class:`StimageError` for bad input (the main CLI prints it as one line). The library
+code is in :mod:`stimage_jax.cells.outputs` and :mod:`stimage_jax.cells.train`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+from pathlib import Path
+
+from stimage_jax.cli.common import add_overwrite, nonnegative_int, positive_float, positive_int
+
+__all__ = ["add_parser", "cmd_cells_train", "cmd_cells_predict", "cmd_cells_evaluate", "cmd_cells_export"]
+
+
+def _quiet(a) -> bool:
+    return bool(getattr(a, "quiet", False))
+
+
+def cmd_cells_train(a) -> int:
+    from stimage_jax.cells.train import CellTrainConfig, train_cells
+
+    steps = a.steps if a.steps is not None else (10**9 if a.minutes is not None else 2000)
+    cfg = CellTrainConfig(backbone=a.backbone, weights=None if a.weights == "none" else a.weights,
+                          num_types=a.num_types, patch_size=a.patch_size, stride=a.stride, min_nuclei=a.min_nuclei,
+                          batch_size=a.batch_size, lr=a.lr, encoder_lr_scale=a.encoder_lr_scale, steps=steps,
+                          minutes=a.minutes, checkpoint_every=a.checkpoint_every, frozen_levels=a.frozen_levels, augment=a.augment,
+                          seed=a.seed)
+    if a.backbone == "tiny" and a.weights == "default":
+        cfg = dataclasses.replace(cfg, weights=None)  # no pretrained tiny encoder exists
+    model = train_cells(a.data, a.workdir, cfg, overwrite=a.overwrite, progress=not _quiet(a))
+    if not _quiet(a):
+        c = model.config
+        print(f"trained {c['steps']} steps in {c['train_minutes']:.1f} min on {c['patches']} patches of "
+              f"{c['tiles']} tiles → {Path(a.workdir) / 'model'}")
+    return 0
+
+
+def cmd_cells_predict(a) -> int:
+    from data_pipelines.io import check_distinct
+    from data_pipelines.tiles import load_image
+    from stimage_jax.cells.outputs import prediction_paths, write_cell_prediction
+    from stimage_jax.cells.train import CellModel
+
+    for p in prediction_paths(a.out):
+        check_distinct(p, a.image)
+    n, paths = write_cell_prediction(CellModel.load(a.model), load_image(a.image), a.out, overwrite=a.overwrite)
+    if not _quiet(a):
+        print(f"{n} nuclei → {paths[0]} (+ {', '.join(p.name for p in paths[1:])})")
+    return 0
+
+
+def cmd_cells_evaluate(a) -> int:
+    from data_pipelines.io import atomic_path, check_distinct, check_writable
+    from stimage_jax.cells.outputs import evaluate_instances
+
+    out = Path(a.out)
+    check_writable(out, a.overwrite)
+    check_distinct(out, a.pred, a.truth)
+    res = evaluate_instances(a.pred, a.truth, pred_types=a.pred_types, truth_types=a.truth_types, radius=a.radius)
+    clean = json.loads(json.dumps(res, default=float).replace("NaN", "null"))  # JSON has no NaN
+    with atomic_path(out, overwrite=a.overwrite) as tmp:
+        tmp.write_text(json.dumps(clean, indent=1))
+    if not _quiet(a):
+        print(" ".join(f"{k} {res[k]:.3f}" for k in ("dice", "aji", "pq", "f1_detection")) + f" → {out}")
+    return 0
+
+
+def cmd_cells_export(a) -> int:
+    from stimage_jax.cells.hovernet import export_cells_onnx
+    from stimage_jax.cells.train import CellModel
+
+    model = CellModel.load(a.model)
+    path = export_cells_onnx(model.net, a.out, size=a.size, overwrite=a.overwrite,
+                             metadata={"type_names": model.type_names, "model_config": model.config})
+    if not _quiet(a):
+        print(f"wrote {path}")
+    return 0
+
+
+def add_parser(subparsers, parents: tuple = ()) -> argparse.ArgumentParser:
+    """Add ``cells {train, predict, evaluate, export-onnx}`` to ``subparsers``; returns the parser.
+
+    Each leaf sets ``func`` (taking the parsed args, returning 0), as the main CLI expects.
+    """
+    c = subparsers.add_parser("cells", parents=list(parents),
+                              help="nucleus segmentation and classification (HoVer-Net style)")
+    sub = c.add_subparsers(dest="cells_command", required=True)
+
+    t = sub.add_parser("train", parents=list(parents), help="train on H&E tiles with nucleus annotations")
+    t.add_argument("--data", required=True, help="folder of images with <name>.xml or <name>_instances.png/.npy "
+                   "(and optional <name>_types.csv: x, y, type)")
+    t.add_argument("--workdir", required=True)
+    t.add_argument("--backbone", default="efficientnet_lite0", choices=["efficientnet_lite0", "resnet50", "tiny"])
+    t.add_argument("--weights", default="default", help="encoder weights: default (ImageNet Lite0), none, or a file")
+    t.add_argument("--minutes", type=positive_float, help="training-time budget (summed over resumed runs)")
+    t.add_argument("--steps", type=positive_int, help="maximum steps (default 2000, unlimited with --minutes)")
+    t.add_argument("--batch-size", type=positive_int, default=4)
+    t.add_argument("--lr", type=positive_float, default=1e-4)
+    t.add_argument("--encoder-lr-scale", type=positive_float, default=1.0,
+                   help="encoder learning rate = --lr × this (e.g. 0.1: fast new decoders, gentle pretrained encoder)")
+    t.add_argument("--patch-size", type=positive_int, default=256)
+    t.add_argument("--stride", type=positive_int, default=128, help="patch grid stride (px)")
+    t.add_argument("--min-nuclei", type=nonnegative_int, default=2, help="patches with fewer nuclei are dropped")
+    t.add_argument("--num-types", type=nonnegative_int, help="TC classes incl. background (default 5 with type tables, else 0)")
+    t.add_argument("--frozen-levels", type=nonnegative_int, default=0,
+                   help="encoder resolution levels (strides 2, 4, ...) kept frozen; saves CPU time")
+    t.add_argument("--augment", default="default", choices=["none", "dihedral", "default"])
+    t.add_argument("--checkpoint-every", type=positive_int, default=100)
+    t.add_argument("--seed", type=int, default=0)
+    add_overwrite(t, "replace a different run in --workdir")
+    t.set_defaults(func=cmd_cells_train)
+
+    p = sub.add_parser("predict", parents=list(parents), help="segment and classify the nuclei of one image")
+    p.add_argument("--model", required=True, help="training workdir (or its model/ folder)")
+    p.add_argument("--image", required=True)
+    p.add_argument("--out", required=True, help="instance map: .png (16-bit), .tif or .npy")
+    add_overwrite(p)
+    p.set_defaults(func=cmd_cells_predict)
+
+    e = sub.add_parser("evaluate", parents=list(parents), help="HoVer-Net instance metrics of a prediction")
+    e.add_argument("--pred", required=True, help="predicted instance map")
+    e.add_argument("--truth", required=True, help="MoNuSeg XML or an instance map")
+    e.add_argument("--out", required=True, help="metrics JSON")
+    e.add_argument("--pred-types", help="predicted types table (default <pred stem>_types.csv)")
+    e.add_argument("--truth-types", help="true types: x, y, type CSV (default <truth stem>_types.csv if present)")
+    e.add_argument("--radius", type=positive_float, default=12.0, help="detection pairing radius (px)")
+    add_overwrite(e)
+    e.set_defaults(func=cmd_cells_evaluate)
+
+    x = sub.add_parser("export-onnx", parents=list(parents), help="export a trained cell model to ONNX")
+    x.add_argument("--model", required=True)
+    x.add_argument("--out", required=True)
+    x.add_argument("--size", type=positive_int, default=256, help="input side (multiple of 32); batch is dynamic")
+    add_overwrite(x)
+    x.set_defaults(func=cmd_cells_export)
+    return c

@@ -1,0 +1,29 @@
+"""``stimage train --data ... --workdir W [options | --config FILE.py]``."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from stimage_jax.cli.common import add_overwrite, add_run_options, quiet, run_config_from_args
+
+
+def add_parser(sub, parents) -> None:
+    t = sub.add_parser("train", parents=list(parents), help="train an NB regression ensemble (or a classifier)")
+    t.add_argument("--data", nargs="+", required=True, help=".h5ad files (one or more samples each)")
+    t.add_argument("--workdir", required=True)
+    add_run_options(t)
+    add_overwrite(t, "replace a different run in --workdir")
+    t.set_defaults(func=run)
+
+
+def run(a) -> None:
+    from stimage_jax.pipeline import train
+
+    model = train(a.data, a.workdir, run_config_from_args(a), progress=not quiet(a), overwrite=a.overwrite)
+    c = model.config
+    if getattr(model, "task", "") == "classify":
+        print(f"trained high/low classifiers for {len(model.genes)} genes on {', '.join(c['training_samples'])} "
+              f"(features {c['backbone']}) -> {Path(a.workdir) / 'model'}")
+    else:
+        print(f"trained {c['members']} member(s) on {', '.join(c['training_samples'])} ({len(model.genes)} genes, "
+              f"features {c['backbone']}, {c['strategy']} strategy) -> {Path(a.workdir) / 'model'}")
