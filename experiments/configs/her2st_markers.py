@@ -16,3 +16,13 @@ CONFIG = dict(
     tile_px=299,
     min_coverage=0.7,
 )
+
+
+def get_config():
+    """The same model for ``stimage train --config experiments/configs/her2st_markers.py``
+    (big_vision style; options on the command line override it)."""
+    from stimage_jax.config import RunConfig
+
+    return RunConfig(genes=CONFIG["genes"], members=CONFIG["members"], train=CONFIG["config"]).override(
+        backbone=CONFIG["backbone"], tile_um=CONFIG["tile_um"], tile_px=CONFIG["tile_px"],
+        min_coverage=CONFIG["min_coverage"])
