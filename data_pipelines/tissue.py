@@ -201,19 +201,33 @@ def _load_lowres(path: str, max_side: int) -> tuple[np.ndarray, tuple[float, flo
     A JPEG is decoded directly at 1/2, 1/4 or 1/8 size (libjpeg's DCT scaling) when that is
     still ≥ max_side: ~8× faster and ~16× less memory than decoding a 10k px H&E whole.
     Reduced pixel k then covers full pixels [r·k, r·k + r) exactly (libjpeg rounds the size
-    up), so the scale is exactly 1/r. Other formats are decoded whole.
+    up), so the scale is exactly 1/r. A TIFF too big to decode whole
+    (``max_image_pixels()``) gives the slide reader's thumbnail, built strip by strip.
+    Other images are decoded whole (:func:`~data_pipelines.tiles.load_image`: capped,
+    transparency on white).
     """
-    from data_pipelines.slides.common import image_size
+    from data_pipelines.slides.common import TIFF_SUFFIXES, image_size, max_image_pixels
 
     if not path or not Path(path).is_file():
         raise StimageError(f"image {path or '(none recorded)'} not found; the tissue mask needs the H&E image")
-    if Path(path).suffix.lower() in _JPEG:
+    suffix = Path(path).suffix.lower()
+    if suffix in _JPEG:
         W, H = image_size(path)
         r = max((f for f in _REDUCED if max(W, H) / f >= max_side), default=1)
         if r > 1:
-            bgr = cv2.imread(str(path), _REDUCED[r])
+            try:
+                bgr = cv2.imread(str(path), _REDUCED[r])
+            except cv2.error:  # OpenCV's own size limit: load_image below says it clearly
+                bgr = None
             if bgr is not None and bgr.shape[:2] == (-(-H // r), -(-W // r)):
                 return cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB), (1.0 / r, 1.0 / r), (H, W)
+    elif suffix in TIFF_SUFFIXES:
+        W, H = image_size(path)
+        if W * H > max_image_pixels():
+            from data_pipelines.wsi import open_slide
+
+            thumb, _ = open_slide(path, mpp=1.0).thumbnail(max_side)
+            return thumb, (thumb.shape[1] / W, thumb.shape[0] / H), (H, W)
     img = load_image(path)
     return img, (1.0, 1.0), img.shape[:2]
 

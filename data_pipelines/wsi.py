@@ -6,18 +6,24 @@ slides grow:
 * OpenSlide (``pip install 'stimage-jax[wsi]'``): NDPI, MRXS, SCN, VMS/VMU, BIF, and
   SVS/TIFF it recognises (it decodes the JPEG/JPEG 2000 tiles of real SVS files);
 * tifffile + zarr: pyramidal/tiled TIFF incl. SVS, also when OpenSlide is not installed,
-  and TIFFs whose pyramid sits in SubIFDs (OpenSlide's generic-tiff driver ignores those).
+  and TIFFs whose pyramid sits in SubIFDs (OpenSlide's generic-tiff driver ignores those);
+  also flat (single-level) TIFFs, read strip by strip or tile by tile, or memory-mapped
+  when uncompressed, so a flat TIFF is never decoded whole either. Its thumbnail is shrunk
+  band by band. Planar (S, Y, X) TIFFs are transposed; alpha is composited on white.
 
-Plain JPEG/PNG images are decoded whole (they fit in memory by construction).
-µm per pixel comes from the slide (OpenSlide ``openslide.mpp-x/y``; SVS ``MPP =`` or TIFF
-resolution tags for tifffile) or ``mpp=``. Outside the slide, and where OpenSlide reports
-no data (transparent), regions are white.
+Plain JPEG/PNG images are decoded whole, up to ``max_image_pixels()`` px
+(``$STIMAGE_MAX_IMAGE_PIXELS``, default 2**30); beyond it, or for a TIFF whose single
+strip/tile is larger than that (nothing can be read without decoding it all), one clear
+error. µm per pixel comes from the slide (OpenSlide ``openslide.mpp-x/y``; SVS ``MPP =``
+or TIFF resolution tags for tifffile) or ``mpp=``. Outside the slide, and where a slide is
+transparent, regions are white.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import re
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -26,7 +32,8 @@ import numpy as np
 
 from data_pipelines import keys
 from data_pipelines.errors import StimageError
-from data_pipelines.tiles import PAD_VALUE, load_image
+from data_pipelines.slides.common import PIXELS_ENV, max_image_pixels
+from data_pipelines.tiles import PAD_VALUE, composite_on_white, load_image
 
 __all__ = ["Slide", "open_slide", "tissue_mask", "slide_grid", "iter_grid_tiles", "grid_adata", "BACKENDS"]
 
@@ -36,6 +43,10 @@ _PLAIN = (".jpg", ".jpeg", ".png")  # decoded whole by OpenCV, whatever the back
 BACKENDS = ("auto", "openslide", "tifffile")
 _WSI_EXTRA = "pip install 'stimage-jax[wsi]'"
 _THUMB_STRIP_PX = 4096 * 4096  # larger thumbnail levels are read and shrunk in strips
+# A TIFF strip/tile above this many px is decoded once and kept (reading it per tile would
+# decode it again for every tile); above max_image_pixels() the slide is refused.
+_MAX_CHUNK_PX = 4096 * 4096
+_BAND_CACHE_BYTES = 64 << 20  # decoded TIFF strips kept per level (at least two)
 
 
 @dataclasses.dataclass
@@ -72,12 +83,10 @@ class Slide:
 
 
 class _ArrayReader:
-    """A whole decoded image (JPEG/PNG)."""
+    """A whole decoded image (JPEG/PNG, or a TIFF that is one huge strip)."""
 
-    name = "image"
-
-    def __init__(self, img: np.ndarray):
-        self.img = img
+    def __init__(self, img: np.ndarray, name: str = "image"):
+        self.img, self.name = img, name
 
     def read(self, x, y, w, h):
         return self.img[y:y + h, x:x + w, :3]
@@ -86,29 +95,106 @@ class _ArrayReader:
         return self.img[..., :3]
 
 
+def _shrink_in_strips(read_rows, lw: int, lh: int, max_side: int, align: int = 1) -> np.ndarray:
+    """A (≈ lh·s, ≈ lw·s, 3) thumbnail, s = max_side / max(lw, lh), of an image read in bands.
+
+    ``read_rows(r0, r1)`` returns rows [r0, r1) as RGB uint8 (r1 − r0, lw, 3); bands hold
+    about ``_THUMB_STRIP_PX`` px and start on multiples of ``align`` (the strip/tile
+    height), so each stored strip is decoded once. Memory: one band, whatever the size.
+    """
+    scale = max_side / max(lw, lh)
+    tw, th = max(1, round(lw * scale)), max(1, round(lh * scale))
+    step = max(1, _THUMB_STRIP_PX // lw)
+    if align > 1:
+        step = max(align, step // align * align)
+    strips = []
+    for r0 in range(0, lh, step):
+        r1 = min(r0 + step, lh)
+        o0, o1 = round(r0 * scale), round(r1 * scale)
+        if o1 > o0:
+            strips.append(cv2.resize(read_rows(r0, r1), (tw, o1 - o0), interpolation=cv2.INTER_AREA))
+    return np.concatenate(strips)[:th]
+
+
+class _TiffLevel:
+    """One pyramid level of a TIFF as RGB uint8: a zarr array over its strips/tiles, or a
+    memory map of uncompressed data. Planar (S, Y, X) data are transposed to (Y, X, S);
+    an alpha sample is composited on white (premultiplied when the TIFF says associated).
+
+    Strips (chunks spanning the full width) are decoded through a small cache of whole
+    bands (``_BAND_CACHE_BYTES``): neighbouring tiles share strips, and zarr alone would
+    decode a strip again for every tile that touches it.
+    """
+
+    def __init__(self, arr, planar: bool, alpha: int, path: Path):
+        self.arr, self.planar, self.alpha, self.path = arr, planar, alpha, path  # alpha: 0, 1 associated, 2 straight
+        self.height, self.width = (arr.shape[1:3] if planar else arr.shape[:2])
+        chunks = getattr(arr, "chunks", None)  # zarr: (rows, cols[, S]) or (1, rows, cols); memmap: none
+        yx = (chunks[1:3] if planar else chunks[:2]) if chunks is not None else (1, self.width)
+        self.chunk_rows, self.chunk_px = int(yx[0]), int(yx[0]) * int(yx[1])
+        self.strips = chunks is not None and int(yx[1]) >= self.width
+        self._bands: dict[int, np.ndarray] = {}
+        self._lock = threading.Lock()  # prefetch threads share the slide
+
+    def _slice(self, rows: slice, cols: slice) -> np.ndarray:
+        """Stored samples (h, w, S) of a window, transposed when planar."""
+        if self.planar:
+            return np.moveaxis(np.asarray(self.arr[:, rows, cols]), 0, -1)
+        return np.asarray(self.arr[rows, cols])
+
+    def _band(self, k: int) -> np.ndarray:
+        with self._lock:
+            band = self._bands.pop(k, None)
+        if band is None:
+            band = self._slice(slice(k * self.chunk_rows, (k + 1) * self.chunk_rows), slice(None))
+        with self._lock:
+            self._bands[k] = band  # most recent last
+            while len(self._bands) > 2 and sum(b.nbytes for b in self._bands.values()) > _BAND_CACHE_BYTES:
+                self._bands.pop(next(iter(self._bands)))
+        return band
+
+    def read(self, x: int, y: int, w: int, h: int, cache: bool = True) -> np.ndarray:
+        """RGB uint8 (h, w, 3) of a window inside the level; ``cache=False`` for a one-pass
+        scan (the thumbnail), which must not fill the band cache with the whole image."""
+        try:
+            if self.strips and cache:
+                cr = self.chunk_rows
+                parts = [self._band(k)[max(y, k * cr) - k * cr:min(y + h, (k + 1) * cr) - k * cr, x:x + w]
+                         for k in range(y // cr, (y + h - 1) // cr + 1)]
+                a = parts[0] if len(parts) == 1 else np.concatenate(parts)
+            else:
+                a = self._slice(slice(y, y + h), slice(x, x + w))
+        except StimageError:
+            raise
+        except Exception as e:  # a strip/tile that is truncated or in a codec tifffile lacks
+            raise StimageError(f"slide {self.path} is unreadable or truncated ({type(e).__name__})") from None
+        if self.alpha:
+            return composite_on_white(a[..., :4], premultiplied=self.alpha == 1)
+        return np.ascontiguousarray(a[..., :3])
+
+
 class _TiffReader:
-    """tifffile's zarr store of level 0; the thumbnail comes from the smallest pyramid level."""
+    """Level 0 read in pieces; the thumbnail comes from the smallest pyramid level (the only
+    level of a flat TIFF), shrunk band by band when it is large."""
 
     name = "tifffile"
 
-    def __init__(self, level0, series):
-        self.level0, self.series = level0, series
+    def __init__(self, levels: list[_TiffLevel]):
+        self.levels = levels
 
     def read(self, x, y, w, h):
-        return np.asarray(self.level0[y:y + h, x:x + w])[..., :3]
+        return self.levels[0].read(x, y, w, h)
 
     def thumbnail_source(self, max_side):
-        levels = self.series.levels
-        return np.asarray(levels[-1].asarray() if len(levels) > 1 else self.level0)[..., :3]
+        lev = self.levels[-1]
+        lw, lh = lev.width, lev.height
+        if lw * lh <= _THUMB_STRIP_PX or max(lw, lh) <= max_side:
+            return lev.read(0, 0, lw, lh)
+        return _shrink_in_strips(lambda r0, r1: lev.read(0, r0, lw, r1 - r0, cache=False), lw, lh, max_side,
+                                 lev.chunk_rows)
 
 
-def _rgba_on_white(rgba: np.ndarray) -> np.ndarray:
-    """RGBA (OpenSlide: transparent = no data) composited onto white → RGB uint8."""
-    rgb, a = rgba[..., :3], rgba[..., 3:]
-    if (a == 255).all():
-        return np.ascontiguousarray(rgb)
-    out = (rgb.astype(np.uint16) * a + PAD_VALUE * (255 - a.astype(np.uint16)) + 127) // 255
-    return out.astype(np.uint8)
+_rgba_on_white = composite_on_white  # OpenSlide: transparent = no data → white
 
 
 class _OpenSlideReader:
@@ -136,17 +222,9 @@ class _OpenSlideReader:
         ds = osr.level_downsamples[level]
         if lw * lh <= _THUMB_STRIP_PX:
             return self._read((0, 0), level, (lw, lh))
-        scale = max_side / max(lw, lh)   # < 1 here: the level is far larger than max_side
-        tw, th = max(1, round(lw * scale)), max(1, round(lh * scale))
-        step = max(1, _THUMB_STRIP_PX // lw)
-        strips = []
-        for r0 in range(0, lh, step):
-            r1 = min(r0 + step, lh)
-            o0, o1 = round(r0 * scale), round(r1 * scale)
-            if o1 > o0:   # read_region takes level-0 coordinates for the location
-                strip = self._read((0, int(r0 * ds)), level, (lw, r1 - r0))
-                strips.append(cv2.resize(strip, (tw, o1 - o0), interpolation=cv2.INTER_AREA))
-        return np.concatenate(strips)[:th]
+        # read_region takes level-0 coordinates for the location
+        return _shrink_in_strips(lambda r0, r1: self._read((0, int(r0 * ds)), level, (lw, r1 - r0)),
+                                 lw, lh, max_side)
 
 
 def _tiff_mpp(page) -> float | None:
@@ -179,22 +257,74 @@ def _import_openslide(required: bool):
         return None
 
 
-def _open_tifffile(path: Path):
-    """(reader, width, height, mpp or None) through tifffile + zarr."""
-    import tifffile
+def _tiff_layout(series, path: Path) -> tuple[bool, int]:
+    """(planar, alpha) of an 8-bit RGB(A) series; one clear error for anything else."""
+    axes, shape = series.axes, tuple(series.shape)
+    page = series.keyframe
+    if axes in ("YXS",):
+        planar, spp = False, shape[2]
+    elif axes in ("SYX", "CYX"):
+        planar, spp = True, shape[0]
+    else:
+        raise StimageError(f"slide {path} is not an RGB image (axes {axes}, shape {shape})")
+    if spp < 3:
+        raise StimageError(f"slide {path} is not an RGB image (axes {axes}, shape {shape})")
+    if np.dtype(series.dtype) != np.uint8:
+        raise StimageError(f"slide {path} has {np.dtype(series.dtype)} pixels; 8-bit RGB is required")
+    extra = tuple(int(e) for e in (page.extrasamples or ()))
+    # ExtraSamples: 1 associated (premultiplied) alpha, 2 unassociated; 0 "unspecified",
+    # which on a 4-sample RGB is alpha in practice (as OpenCV and PIL read it)
+    alpha = extra[0] if extra and extra[0] in (1, 2) else (2 if spp == 4 else 0)
+    return planar, alpha
+
+
+def _level_array(path: Path, series, i: int, size: int):
+    """A memory map of uncompressed contiguous level ``i``, else tifffile's zarr store of it."""
     import zarr
+
+    level = series.levels[i]
+    page = level.keyframe
+    if len(level.pages) == 1 and page.is_memmappable and page.is_final:
+        offset, nbytes = int(page.dataoffsets[0]), int(np.prod(level.shape)) * np.dtype(level.dtype).itemsize
+        if offset + nbytes > size:  # a header claiming more pixels than the file holds
+            raise StimageError(f"slide {path} is truncated: its header claims {level.shape} px "
+                               f"({nbytes:,} bytes) but the file has {size:,} bytes")
+        return np.memmap(path, dtype=np.dtype(level.dtype), mode="r", offset=offset, shape=tuple(level.shape))
+    return zarr.open(series.aszarr(level=i), mode="r")
+
+
+def _open_tifffile(path: Path):
+    """(reader, width, height, mpp or None) through tifffile + zarr (or a memory map)."""
+    import tifffile
 
     try:
         tf = tifffile.TiffFile(path)
         series = tf.series[0]
-        level0 = zarr.open(series.aszarr(level=0), mode="r")
+        planar, alpha = _tiff_layout(series, path)
+        size = path.stat().st_size
+        levels = [_TiffLevel(_level_array(path, series, i, size), planar, alpha, path)
+                  for i in range(len(series.levels))]
         found = _tiff_mpp(tf.pages[0])
+    except StimageError:
+        raise
     except Exception as e:
         raise StimageError(f"slide {path} is unreadable or truncated ({type(e).__name__})") from None
-    if level0.ndim != 3 or level0.shape[2] < 3:
-        raise StimageError(f"slide {path} is not an RGB image (shape {tuple(level0.shape)})")
-    h, w = level0.shape[:2]
-    return _TiffReader(level0, series), w, h, found
+    lev0 = levels[0]
+    w, h = lev0.width, lev0.height
+    if lev0.chunk_px > _MAX_CHUNK_PX:
+        # One strip/tile this big is decoded whole by any read, so decode it once and keep
+        # it, if the image fits under the cap; otherwise nothing can be read in pieces.
+        cap = max_image_pixels()
+        if w * h > cap:
+            raise StimageError(f"slide {path} is {w}x{h} px in strips/tiles of {lev0.chunk_px:,} px each: "
+                               f"too big to read in pieces or whole (limit {cap:,} px); save it as a tiled "
+                               f"TIFF, or raise {PIXELS_ENV}")
+        try:
+            img = lev0.read(0, 0, w, h)
+        except Exception as e:
+            raise StimageError(f"slide {path} is unreadable or truncated ({type(e).__name__})") from None
+        return _ArrayReader(img, "tifffile"), w, h, found
+    return _TiffReader(levels), w, h, found
 
 
 def _openslide_mpp(osr, path: Path) -> float | None:
