@@ -82,8 +82,9 @@ def _numeric(df: pd.DataFrame, cols, path: Path) -> pd.DataFrame:
         if bad.any():
             i = int(np.flatnonzero(bad)[0])
             raw = df[col].iloc[i]
-            what = describe_cell(raw, False)
-            raise StimageError(f"{path}: {col} is {what} in data row {i + 1} ({int(bad.sum())} bad value(s))")
+            # the file's own row number (1 = first data row), also after rows were dropped
+            row = int(df.index[i]) + 1 if isinstance(df.index[i], (int, np.integer)) else i + 1
+            raise StimageError(f"{path}: {col} is {describe_cell(raw)} in data row {row} ({int(bad.sum())} bad value(s))")
         out[col] = v
     return out
 
