@@ -130,6 +130,20 @@ def apply_classifier(ref: ClassifierReference, feats: np.ndarray) -> np.ndarray:
 CLASSIFIER_FORMAT = "stimage-jax-classifier/1"
 
 
+def _legacy_fingerprint(path) -> str:
+    """The weights hash models saved before 2026-11-29 recorded (SHA-1 of the first MiB and
+    the size), so they still load; new models record the whole file's SHA-256."""
+    import hashlib
+
+    if path is None:
+        return "random"
+    h = hashlib.sha1()
+    with open(path, "rb") as f:
+        h.update(f.read(1 << 20))
+    h.update(str(os.path.getsize(path)).encode())
+    return h.hexdigest()[:10]
+
+
 class ClassifierModel:
     """A frozen backbone plus per-gene classifiers (``workdir/model``: model.json,
     classifier.npz). The backbone is the pretrained one named in model.json and is rebuilt
@@ -209,7 +223,7 @@ class ClassifierModel:
         w = config.get("weights")
         if w is not None and not Path(w).is_file():
             raise StimageError(f"the classifier's backbone weights {w} are missing")
-        if weights_fingerprint(w) != config["weights_fingerprint"]:
+        if config["weights_fingerprint"] not in (weights_fingerprint(w), _legacy_fingerprint(w)):
             raise StimageError(f"backbone weights {w} changed since training (fingerprint differs); retrain")
         backbone = create_backbone(config["backbone"], rngs=nnx.Rngs(config.get("seed", 0)), weights=w)
         ref = ClassifierReference.load(model_dir / CLASSIFIER_FILE)
