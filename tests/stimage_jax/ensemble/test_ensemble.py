@@ -1,8 +1,9 @@
-"""Stacked ensembles: vmap equals loop equals single members; resume; sharding; FSTimage CLI."""
+"""Stacked ensembles: vmap equals loop equals a plain optax loop per member; resume; sharding; FSTimage CLI."""
 
 from __future__ import annotations
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -11,7 +12,9 @@ from pathlib import Path
 
 import anndata as ad
 import jax
+import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 from flax import nnx
 
@@ -21,10 +24,11 @@ from stimage_jax.cli import main
 from stimage_jax.ensemble.model import EnsembleModel
 from stimage_jax.ensemble.stacked import (create_members, fit_ensemble, member_mesh, resolve_strategy,
                                           unstack_members)
-from stimage_jax.ensemble.train import TrainConfig, fit_member
+from stimage_jax.ensemble.train import TrainConfig
+from stimage_jax.nb.distribution import nb_nll
 from stimage_jax.nb.head import NBHead, init_head_from_data
 
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[3]
 
 
 @pytest.fixture
@@ -53,6 +57,8 @@ def _kernel(h):
 
 
 CFG = TrainConfig(lr=3e-2, max_epochs=8, patience=2, batch_size=32, checkpoint_every=1)
+# A step so large that members stop early, each at its own epoch (3, 9 and 7 of 12).
+ES = TrainConfig(lr=0.3, max_epochs=12, patience=2, batch_size=32, checkpoint_every=1)
 
 
 def test_create_members_equals_one_key_at_a_time(nb_data):
@@ -64,30 +70,79 @@ def test_create_members_equals_one_key_at_a_time(nb_data):
     assert not np.allclose(_kernel(stacked)[0], _kernel(stacked)[1])  # members differ
 
 
-def test_vmap_equals_loop_with_per_member_early_stopping(nb_data):
+@pytest.mark.parametrize("cfg", [CFG, ES], ids=["no_stop", "early_stop"])
+def test_vmap_equals_loop_with_per_member_early_stopping(nb_data, cfg):
     x, y = nb_data
     a, ks = _stacked(x, y, 3)
     b, _ = _stacked(x, y, 3)
-    a, ha = fit_ensemble(a, x[:160], y[:160], x[160:], y[160:], keys=ks, config=CFG, strategy="vmap",
+    a, ha = fit_ensemble(a, x[:160], y[:160], x[160:], y[160:], keys=ks, config=cfg, strategy="vmap",
                          progress=False, mesh=None)
-    b, hb = fit_ensemble(b, x[:160], y[:160], x[160:], y[160:], keys=ks, config=CFG, strategy="loop",
+    b, hb = fit_ensemble(b, x[:160], y[:160], x[160:], y[160:], keys=ks, config=cfg, strategy="loop",
                          progress=False)
     assert [len(h) for h in ha] == [len(h) for h in hb]
+    if cfg is ES:  # each member stopped at its own epoch, and vmap kept the stopped ones frozen
+        assert len({len(h) for h in ha}) == 3 and max(len(h) for h in ha) < cfg.max_epochs
     for h1, h2 in zip(ha, hb):
         np.testing.assert_allclose([r["val_loss"] for r in h1], [r["val_loss"] for r in h2], rtol=1e-5)
     np.testing.assert_allclose(_kernel(a), _kernel(b), atol=1e-5)
     np.testing.assert_allclose(np.asarray(a.r_out.bias[...]), np.asarray(b.r_out.bias[...]), atol=1e-5)
 
 
-def test_one_member_ensemble_equals_fit_member(nb_data):
+def _plain_optax_fit(model, x, y, x_val, y_val, key, cfg: TrainConfig):
+    """The single-model algorithm written out with plain optax, independently of the library:
+    epoch e visits rows in ``permutation(fold_in(key, e))`` order, in sorted fixed-size
+    batches (the last padded with weight 0), Adam on the masked NB NLL, the validation NLL
+    after each epoch, early stopping after ``patience`` epochs without improvement and the
+    best epoch's parameters restored. → (model in eval mode, validation losses)."""
+    model.train()
+    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+    params, rest = nnx.to_pure_dict(params), nnx.to_pure_dict(rest)  # plain arrays through jit
+    model.eval()
+    eval_def = nnx.split(model, nnx.Param, ...)[0]
+    tx = optax.adam(cfg.lr)
+    opt = tx.init(params)
+
+    @jax.jit
+    def step(params, rest, opt, xb, yb, wb):
+        def loss_fn(p):
+            m = nnx.merge(graphdef, p, rest)
+            return nb_nll(yb, *m(xb), mask=wb[:, None]), nnx.to_pure_dict(nnx.state(m, nnx.Not(nnx.Param)))
+        (_, rest), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
+        updates, opt = tx.update(grads, opt, params)
+        return optax.apply_updates(params, updates), rest, opt
+
+    n, bs = len(y), cfg.batch_size
+    best, best_val, bad, vals = params, math.inf, 0, []
+    for epoch in range(cfg.max_epochs):
+        order = np.asarray(jax.random.permutation(jax.random.fold_in(key, epoch), n))
+        for s in range(0, n, bs):
+            b = np.sort(order[s:s + bs])
+            idx = np.concatenate([b, np.repeat(b[:1], bs - len(b))])
+            params, rest, opt = step(params, rest, opt, x[idx], y[idx], (np.arange(bs) < len(b)).astype(np.float32))
+        vals.append(float(nb_nll(jnp.asarray(y_val), *nnx.merge(eval_def, params, rest)(jnp.asarray(x_val)))))
+        if vals[-1] < best_val:
+            best, best_val, bad = params, vals[-1], 0
+        else:
+            bad += 1
+            if bad >= cfg.patience:
+                break
+    return nnx.merge(eval_def, best, rest), vals
+
+
+@pytest.mark.parametrize("strategy, cfg", [("vmap", CFG), ("vmap", ES), ("loop", ES)],
+                         ids=["vmap-no_stop", "vmap-early_stop", "loop-early_stop"])
+def test_one_member_ensemble_equals_a_plain_optax_loop(nb_data, strategy, cfg):
     x, y = nb_data
     stacked, ks = _stacked(x, y, 1)
-    stacked, hist = fit_ensemble(stacked, x[:160], y[:160], x[160:], y[160:], keys=ks, config=CFG,
-                                 strategy="vmap", progress=False, mesh=None)
+    stacked, hist = fit_ensemble(stacked, x[:160], y[:160], x[160:], y[160:], keys=ks, config=cfg,
+                                 strategy=strategy, progress=False, mesh=None)
     single = init_head_from_data(_make(x, y)(nnx.Rngs(ks[0])), x, y)
-    single, h1 = fit_member(single, x[:160], y[:160], x[160:], y[160:], key=ks[0], config=CFG, progress=False)
-    assert len(hist[0]) == len(h1)
+    single, vals = _plain_optax_fit(single, x[:160], y[:160], x[160:], y[160:], ks[0], cfg)
+    assert len(hist[0]) == len(vals) == (3 if cfg is ES else cfg.max_epochs)  # stopped at the same epoch
+    np.testing.assert_allclose([r["val_loss"] for r in hist[0]], vals, rtol=1e-5)
     np.testing.assert_allclose(_kernel(stacked)[0], _kernel(single), atol=1e-5)
+    np.testing.assert_allclose(np.asarray(stacked.r_out.bias[...])[0], np.asarray(single.r_out.bias[...]),
+                               atol=1e-5)
 
 
 def test_killed_vmap_run_resumes_identically(nb_data, tmp_path):

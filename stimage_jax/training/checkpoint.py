@@ -1,0 +1,140 @@
+"""Resumable checkpoints: one Orbax manager wrapper and one metadata format for every loop.
+
+A checkpoint ``<dir>/<n>/`` holds two items: ``arrays`` (the train state's arrays, and
+whatever else the loop keeps, e.g. the ensemble's best parameters; Orbax ``StandardSave``)
+and ``meta`` (JSON, :class:`CheckpointMeta`: format version, the checkpoint's number and
+what it counts, per-member histories, early-stopping state, training time). Only the latest
+checkpoint is kept. A truncated or foreign checkpoint is a one-line :class:`StimageError`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Any
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+
+from data_pipelines.errors import StimageError
+
+__all__ = ["CHECKPOINT_FORMAT", "CheckpointMeta", "Checkpointer"]
+
+CHECKPOINT_FORMAT = "stimage-jax-checkpoint/1"
+
+
+@dataclasses.dataclass
+class CheckpointMeta:
+    """Everything but the arrays that a loop needs to resume exactly where it stopped.
+
+    step: the checkpoint's number, counted in ``unit`` ("epoch": epochs finished, the
+    ensemble; "step": optimiser steps finished, the cell network).
+    histories: one list of records (dicts of numbers) per member, e.g.
+    ``{"epoch", "train_loss", "val_loss"}`` per epoch.
+    early_stopping: per-member lists ``best_val``, ``bad_epochs``, ``done`` (empty when the
+    loop does not stop early).
+    elapsed_s: training time summed over every run so far (time budgets).
+    """
+
+    step: int
+    unit: str = "epoch"
+    histories: list[list[dict]] = dataclasses.field(default_factory=list)
+    early_stopping: dict[str, list] = dataclasses.field(default_factory=dict)
+    elapsed_s: float = 0.0
+    format: str = CHECKPOINT_FORMAT
+
+    def to_json(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_json(cls, d: dict) -> CheckpointMeta:
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in names})
+
+
+def _host(tree):
+    """Arrays as NumPy (typed PRNG keys stay keys: Orbax stores those itself)."""
+    return jax.tree.map(lambda a: a if jax.dtypes.issubdtype(a.dtype, jax.dtypes.prng_key) else np.asarray(a),
+                        tree)
+
+
+def _like(got, like):
+    """Restored leaves placed as the leaves of ``like`` (same device/sharding)."""
+    def f(new, old):
+        if isinstance(old, jax.Array):
+            return jax.device_put(new, old.sharding)
+        return new
+    return jax.tree.map(f, got, like)
+
+
+class Checkpointer:
+    """The latest checkpoint of one loop in ``directory`` (created on first save).
+
+    ``restore(like)`` → ``(arrays, meta)`` or None when there is none; ``save(n, arrays,
+    meta)`` writes checkpoint ``n`` (nothing when ``n`` is already the latest) and waits
+    for it. Use as a context manager or call :meth:`close`.
+    """
+
+    def __init__(self, directory: str | Path, *, unit: str = "epoch"):
+        self.directory = Path(directory).absolute()
+        self.unit = unit
+        self._mngr = ocp.CheckpointManager(self.directory, options=ocp.CheckpointManagerOptions(max_to_keep=1))
+
+    def latest_step(self) -> int | None:
+        return self._mngr.latest_step()
+
+    def restore(self, like: Any) -> tuple[Any, CheckpointMeta] | None:
+        """The latest checkpoint's arrays (structured, placed and typed as ``like``) and meta."""
+        step = self.latest_step()
+        if step is None:
+            return None
+        where = f"checkpoint {self.directory} step {step}"
+        if not (self.directory / str(step) / "meta").is_dir():
+            raise StimageError(f"{where} was written by an earlier version of stimage-jax (no metadata); "
+                               "delete it to retrain")
+        try:
+            got = self._mngr.restore(step, args=ocp.args.Composite(arrays=ocp.args.StandardRestore(_host(like)),
+                                                                   meta=ocp.args.JsonRestore()))
+            meta = CheckpointMeta.from_json(got["meta"])
+        except Exception as e:  # orbax raises many types for truncated files
+            raise StimageError(f"{where} is unreadable ({type(e).__name__}); delete it to retrain") from None
+        if meta.format != CHECKPOINT_FORMAT or meta.unit != self.unit or meta.step != step:
+            raise StimageError(f"{where} has format {meta.format!r} counting {meta.unit!r}s, expected "
+                               f"{CHECKPOINT_FORMAT!r} counting {self.unit!r}s; delete it to retrain")
+        return _like(got["arrays"], like), meta
+
+    def save(self, step: int, arrays: Any, meta: CheckpointMeta) -> bool:
+        """Write checkpoint ``step`` unless it is already the latest; True when written."""
+        if self.latest_step() == step:
+            return False
+        if meta.step != step or meta.unit != self.unit:
+            raise ValueError(f"meta counts {meta.step} {meta.unit}s, saving {step} {self.unit}s")
+        self._mngr.save(step, force=True, args=ocp.args.Composite(
+            arrays=ocp.args.StandardSave(_host(arrays)), meta=ocp.args.JsonSave(_json_safe(meta.to_json()))))
+        self._mngr.wait_until_finished()
+        return True
+
+    def close(self) -> None:
+        self._mngr.close()
+
+    def __enter__(self) -> Checkpointer:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def _json_safe(obj):
+    """NumPy scalars → Python numbers (floats, NaN and infinities kept as JSON allows)."""
+    if isinstance(obj, dict):
+        return {str(k): _json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_json_safe(v) for v in obj]
+    if isinstance(obj, (bool, np.bool_)):
+        return bool(obj)
+    if isinstance(obj, (int, np.integer)):
+        return int(obj)
+    if isinstance(obj, (float, np.floating)):
+        return float(obj)
+    return obj
