@@ -3,11 +3,18 @@ same folds (library: :func:`stimage_jax.loso.run_loso`)."""
 
 from __future__ import annotations
 
+import argparse
 from pathlib import Path
 
 from data_pipelines.errors import StimageError
 from data_pipelines.tissue import DEFAULT_MIN_COVERAGE
 from stimage_jax.cli.common import add_overwrite, csv, positive_float, positive_int, quiet, unit_fraction
+
+
+def _protocol(text: str) -> str:
+    if text != "loso":
+        raise argparse.ArgumentTypeError(f"unknown protocol {text!r}; only 'loso' (leave one sample out) exists")
+    return text
 
 
 def add_parser(sub, parents) -> None:
@@ -18,7 +25,7 @@ def add_parser(sub, parents) -> None:
     b = sub.add_parser("benchmark", parents=list(parents),
                        help="leave-one-sample-out: STimage (ensemble, single), ridge and MSE on the same folds")
     b.add_argument("--data", nargs="+", required=True, help=".h5ad files, or one folder of them")
-    b.add_argument("--protocol", default="loso", choices=["loso"])
+    b.add_argument("--protocol", default="loso", type=_protocol, help="loso (leave one sample out)")
     b.add_argument("--methods", default=",".join(METHODS), help=f"comma separated, from {', '.join(METHODS)}")
     b.add_argument("--samples", help="hold out only these samples (default: each in turn)")
     b.add_argument("--workdir", required=True)
