@@ -42,9 +42,8 @@ def run(model, a) -> str:
 
         check_writable(a.out, a.overwrite)
         check_distinct(a.out, a.data)
-        kw = {"features": a.features} if getattr(a, "features", None) else {}
         pred = predict_adata(read_h5ad(a.data), model, batch_size=a.batch_size, progress=not a.quiet,
-                             interval=a.interval, **kw)
+                             interval=a.interval)
         write_h5ad(pred, a.out, overwrite=a.overwrite)
         lines, what = [], "spots"
     prov = pred.uns["stimage"]["prediction"]
