@@ -15,15 +15,20 @@ resolution levels (CPU time: see ``MultiScaleEncoder``).
 Budget: training stops at ``steps`` or when ``minutes`` of training time (summed over
 resumed runs, so an interrupted run ends where an uninterrupted one would) are used.
 
-Workdir: ``request.json`` (what was asked), ``checkpoints/`` (Orbax, every
-``checkpoint_every`` steps and at the end: model, optimiser, step, elapsed time),
-``train_log.csv`` (step, loss terms, seconds), ``model/`` (``model.json`` + ``params/``),
-which is all ``CellModel.load`` needs. Rerunning a finished run returns at once; rerunning
-with a larger ``--steps``/``--minutes`` continues from the checkpoint.
+The step is :func:`stimage_jax.training.train_step` on a
+:class:`~stimage_jax.training.TrainState` with :class:`HoverLoss`, the same jitted step the
+ensemble vmaps over its members.
 
-Prediction (``CellModel.predict_maps``): the tile is padded (reflect) to a multiple of 32
-and run whole — or in overlapping windows when larger than ``window`` — giving NP, HV and
-TC maps of the tile's size; ``segment`` adds HoVer-Net's post-processing and type calls.
+Workdir: ``request.json`` (what was asked), ``checkpoints/`` (a
+:class:`~stimage_jax.training.Checkpointer`, every ``checkpoint_every`` steps and at the
+end: the train state, and the step and elapsed time in its metadata), ``train_log.csv``
+(step, loss terms, seconds; on resume, rows after the checkpoint's step are dropped, so
+the log has each step once), ``model/`` (``model.json`` + ``params/``), which is all
+``CellModel.load`` needs. Rerunning a finished run returns at once; rerunning with a larger
+``--steps``/``--minutes`` continues from the checkpoint.
+
+The trained model (``CellModel``: load, save, predict, segment) is in
+:mod:`stimage_jax.cells.model`; it is re-exported here.
 """
 
 from __future__ import annotations
@@ -43,22 +48,18 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-import orbax.checkpoint as ocp
-from flax import nnx
 from tqdm.auto import tqdm
 
 from data_pipelines.cell_patches import (CELL_TYPES, CellPatches, augment_pairs, extract_patches, list_cell_tiles,
                                          load_cell_tile, patch_targets)
 from data_pipelines.errors import StimageError
-from data_pipelines.io import atomic_dir
-from stimage_jax.cells.hovernet import (PRESETS, STRIDE, HoVerNet, create_hovernet, hovernet_loss, probabilities)
-from stimage_jax.cells.postprocess import (NucleusTypes, PostprocessParams, instances_from_np_hv, nucleus_types,
-                                           type_entropy)
+from data_pipelines.io import atomic_path
+from stimage_jax.cells.hovernet import PRESETS, STRIDE, HoVerNet, create_hovernet, hovernet_loss
+from stimage_jax.cells.model import MODEL_FORMAT, CellModel, CellPrediction
+from stimage_jax.training import CheckpointMeta, Checkpointer, TrainState, train_step
 
-__all__ = ["CellTrainConfig", "CellModel", "CellPrediction", "load_patches", "train_cells", "photometric_config",
-           "MODEL_FORMAT"]
-
-MODEL_FORMAT = "stimage-jax-cells/1"
+__all__ = ["CellTrainConfig", "CellModel", "CellPrediction", "HoverLoss", "load_patches", "train_cells",
+           "photometric_config", "MODEL_FORMAT"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -152,14 +153,16 @@ def _batch(patches: CellPatches, step: int, config: CellTrainConfig, photometric
     return images, np_t, hv_t, types
 
 
-@nnx.jit(static_argnames=("frozen_levels",))
-def _train_step(model: HoVerNet, optimizer: nnx.Optimizer, images, np_t, hv_t, tc_t, frozen_levels: int):
-    def loss_fn(m):
-        return hovernet_loss(m(images, frozen_levels), np_t, hv_t, tc_t)
+@dataclasses.dataclass(frozen=True)
+class HoverLoss:
+    """HoVer-Net's loss of a batch ``{"images", "np", "hv", "tc"}`` (``tc`` None without a TC
+    branch) → ``(total, terms)``; no gradient into the encoder's first ``frozen_levels``
+    levels. Frozen (hashable by value): part of the jitted step's static state."""
 
-    (loss, terms), grads = nnx.value_and_grad(loss_fn, has_aux=True)(model)
-    optimizer.update(model, grads)
-    return loss, terms
+    frozen_levels: int = 0
+
+    def __call__(self, model: HoVerNet, batch: dict):
+        return hovernet_loss(model(batch["images"], self.frozen_levels), batch["np"], batch["hv"], batch["tc"])
 
 
 def _param_group(params):
@@ -172,9 +175,9 @@ def _param_group(params):
 def _adam(lr: float, encoder_lr: float) -> optax.GradientTransformation:
     """Adam, with its own learning rate for the encoder when that differs.
 
-    Cached: the optimiser keeps the transformation as a static attribute, and a new
-    (unequal) object would make nnx.jit recompile the train step for every run in a
-    process (~6 s each on 2 cores for the tiny model).
+    Cached: the optimiser is static in the train state, and a new (unequal) object would
+    make the jitted step recompile for every run in a process (~6 s each on 2 cores for the
+    tiny model).
     """
     if encoder_lr == lr:
         return optax.adam(lr)
@@ -187,138 +190,6 @@ def _set_train_mode(model: HoVerNet, pretrained: bool) -> None:
         model.encoder.eval()  # BatchNorm uses (and keeps) the ImageNet running statistics
 
 
-def _host(tree):
-    return jax.tree.map(np.asarray, tree)
-
-
-# --- the model on disk -------------------------------------------------------------------------------------------
-
-@dataclasses.dataclass
-class CellPrediction:
-    """Everything ``stimage cells predict`` writes, for one tile."""
-
-    instances: np.ndarray            # (H, W) int32, 1..N
-    np_prob: np.ndarray              # (H, W) float32
-    hv: np.ndarray                   # (H, W, 2) float32
-    tc_prob: np.ndarray | None       # (H, W, K) float32
-    types: NucleusTypes | None       # per-instance calls (None without a TC branch)
-    entropy: np.ndarray              # (H, W) float32 nats: of the type probabilities, else of NP
-
-
-@dataclasses.dataclass
-class CellModel:
-    """``config`` (model.json) and the network (eval mode)."""
-
-    config: dict
-    net: HoVerNet
-
-    @property
-    def type_names(self) -> list[str]:
-        return list(self.config["type_names"])
-
-    def save(self, model_dir: str | os.PathLike) -> Path:
-        """Write atomically: a temporary sibling folder renamed onto ``model_dir``."""
-        model_dir = Path(model_dir).absolute()
-        with atomic_dir(model_dir) as tmp:
-            ckptr = ocp.StandardCheckpointer()
-            ckptr.save(tmp / "params", _host(nnx.to_pure_dict(nnx.state(self.net))))
-            ckptr.wait_until_finished()
-            (tmp / "model.json").write_text(json.dumps(self.config, indent=1))
-        return model_dir
-
-    @classmethod
-    def load(cls, path: str | os.PathLike) -> CellModel:
-        """From a workdir or its ``model/`` folder."""
-        path = Path(path)
-        if (path / "model" / "model.json").is_file():
-            path = path / "model"
-        meta = path / "model.json"
-        if not meta.is_file():
-            raise StimageError(f"{path} is not a trained cell model (no model.json); "
-                               "train one with `stimage cells train --workdir ...`")
-        try:
-            cfg = json.loads(meta.read_text())
-        except json.JSONDecodeError as e:
-            raise StimageError(f"{meta} is corrupt: {e}") from None
-        if cfg.get("format") != MODEL_FORMAT:
-            raise StimageError(f"{meta} has format {cfg.get('format')!r}, expected {MODEL_FORMAT!r}")
-        # Built abstractly and filled from the checkpoint: random initialisation would cost
-        # seconds of compilation only to be overwritten.
-        net = nnx.eval_shape(lambda: PRESETS[cfg["backbone"]](rngs=nnx.Rngs(0), weights=None,
-                                                              num_types=cfg["num_types"]))
-        target = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), nnx.to_pure_dict(nnx.state(net)))
-        try:
-            pure = ocp.StandardCheckpointer().restore((path / "params").absolute(), target)
-        except Exception as e:
-            raise StimageError(f"cell model checkpoint {path / 'params'} is missing or corrupt "
-                               f"({type(e).__name__}); retrain or restore the folder") from None
-        state = nnx.state(net)
-        nnx.replace_by_pure_dict(state, jax.tree.map(jnp.asarray, pure))
-        nnx.update(net, state)
-        net.eval()
-        return cls(cfg, net)
-
-    # --- inference ---
-    def predict_maps(self, rgb: np.ndarray, *, window: int = 1024, margin: int = 64
-                     ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
-        """RGB (H, W, 3) uint8 → NP (H, W), HV (H, W, 2), TC (H, W, K) or None; float32.
-
-        Images up to ``window`` px a side run whole (padded by reflection to a multiple of
-        32); larger ones in ``window``² windows overlapping by ``2·margin``, each keeping
-        its centre (HV maps are per nucleus, so a margin wider than a nucleus suffices).
-        """
-        rgb = np.asarray(rgb)
-        if rgb.ndim != 3 or rgb.shape[2] != 3 or rgb.dtype != np.uint8:
-            raise StimageError(f"cell prediction needs an RGB uint8 image (H, W, 3), got {rgb.dtype} {rgb.shape}")
-        if window % STRIDE or window <= 2 * margin:
-            raise StimageError(f"window must be a multiple of {STRIDE} larger than 2·margin")
-        h, w = rgb.shape[:2]
-        k = self.net.num_types
-        if max(h, w) <= window:
-            return self._run_padded(rgb)
-        out_np = np.zeros((h, w), np.float32)
-        out_hv = np.zeros((h, w, 2), np.float32)
-        out_tc = np.zeros((h, w, k), np.float32) if k else None
-        step = window - 2 * margin
-        for r0 in range(0, h, step):
-            for c0 in range(0, w, step):
-                # window [r0 - margin, r0 - margin + window), clipped into the image
-                ra = min(max(r0 - margin, 0), max(h - window, 0))
-                ca = min(max(c0 - margin, 0), max(w - window, 0))
-                p_np, p_hv, p_tc = self._run_padded(rgb[ra:ra + window, ca:ca + window])
-                rb, cb = min(r0 + step, h), min(c0 + step, w)
-                sl = (slice(r0 - ra, rb - ra), slice(c0 - ca, cb - ca))
-                out_np[r0:rb, c0:cb] = p_np[sl]
-                out_hv[r0:rb, c0:cb] = p_hv[sl]
-                if out_tc is not None:
-                    out_tc[r0:rb, c0:cb] = p_tc[sl]
-        return out_np, out_hv, out_tc
-
-    def _run_padded(self, rgb: np.ndarray):
-        h, w = rgb.shape[:2]
-        ph, pw = -h % STRIDE, -w % STRIDE
-        mode = "reflect" if h > 1 and w > 1 and ph < h and pw < w else "edge"
-        x = np.pad(rgb, ((0, ph), (0, pw), (0, 0)), mode=mode)[None]
-        p_np, hv, p_tc = _forward(self.net, jnp.asarray(x))
-        crop = lambda a: None if a is None else np.asarray(a[0, :h, :w], np.float32)  # noqa: E731
-        return crop(p_np), crop(hv), crop(p_tc)
-
-    def segment(self, rgb: np.ndarray, params: PostprocessParams = PostprocessParams()) -> CellPrediction:
-        """Instances, per-nucleus types and the entropy map of one RGB tile."""
-        p_np, hv, p_tc = self.predict_maps(rgb)
-        inst = instances_from_np_hv(p_np, hv, params)
-        if p_tc is not None:
-            types, ent = nucleus_types(inst, p_tc), type_entropy(p_tc)
-        else:
-            types, ent = None, type_entropy(np.stack([1.0 - p_np, p_np], axis=-1))
-        return CellPrediction(inst, p_np, hv, p_tc, types, ent)
-
-
-@nnx.jit
-def _forward(net: HoVerNet, x):
-    return probabilities(net(x))
-
-
 # --- training ---------------------------------------------------------------------------------------------------
 
 def _check_request(workdir: Path, request: dict, overwrite: bool) -> None:
@@ -326,7 +197,7 @@ def _check_request(workdir: Path, request: dict, overwrite: bool) -> None:
     if path.is_file():
         try:
             old = json.loads(path.read_text())
-        except json.JSONDecodeError:
+        except (json.JSONDecodeError, UnicodeDecodeError):
             old = None
         if old != request:
             if not overwrite:
@@ -336,7 +207,28 @@ def _check_request(workdir: Path, request: dict, overwrite: bool) -> None:
                 p = workdir / sub
                 shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
     workdir.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(request, indent=1))
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(request, indent=1))
+
+
+def _trim_log(path: Path, step: int) -> bool:
+    """Keep the rows of ``train_log.csv`` up to ``step`` (the checkpoint resumed from): rows
+    after it were written by a run killed before its next checkpoint and are trained again.
+    True when the log starts afresh (it then needs a header)."""
+    if step == 0 or not path.is_file():
+        return True
+    with open(path, newline="") as f:  # rows end in csv's "\r\n": kept as they are
+        lines = f.read().splitlines(keepends=True)
+    keep = lines[:1]
+    for line in lines[1:]:
+        try:
+            if line.endswith("\n") and int(line.split(",", 1)[0]) <= step:
+                keep.append(line)
+        except ValueError:  # a row cut short by a kill
+            pass
+    with atomic_path(path) as tmp, open(tmp, "w", newline="") as f:
+        f.write("".join(keep))
+    return not keep
 
 
 def train_cells(data: str | os.PathLike, workdir: str | os.PathLike, config: CellTrainConfig = CellTrainConfig(), *,
@@ -373,54 +265,38 @@ def train_cells(data: str | os.PathLike, workdir: str | os.PathLike, config: Cel
     weights = None if no_weights else config.weights
     pretrained = weights is not None and config.backbone != "tiny"
     net = create_hovernet(config.backbone, seed=config.seed, weights=weights, num_types=num_types)
-    optimizer = nnx.Optimizer(net, _adam(float(config.lr), float(config.lr * config.encoder_lr_scale)), wrt=nnx.Param)
-    meta = {"step": 0, "elapsed_s": 0.0}
-    mngr = ocp.CheckpointManager((workdir / "checkpoints").absolute(),
-                                 options=ocp.CheckpointManagerOptions(max_to_keep=1))
-    latest = mngr.latest_step()
-    if latest is not None:
-        target = {"model": nnx.to_pure_dict(nnx.state(net)), "opt": nnx.to_pure_dict(nnx.state(optimizer)),
-                  "meta": {k: np.asarray(v, np.float64) for k, v in meta.items()}}
-        try:
-            got = mngr.restore(latest, args=ocp.args.StandardRestore(
-                jax.tree.map(lambda a: jax.ShapeDtypeStruct(np.shape(a), a.dtype), target)))
-        except Exception as e:  # orbax raises many types for truncated files
-            raise StimageError(f"checkpoint {workdir / 'checkpoints'} step {latest} is unreadable "
-                               f"({type(e).__name__}); delete it to retrain") from None
-        for part, obj in (("model", net), ("opt", optimizer)):
-            st = nnx.state(obj)
-            nnx.replace_by_pure_dict(st, jax.tree.map(jnp.asarray, got[part]))
-            nnx.update(obj, st)
-        meta = {"step": int(got["meta"]["step"]), "elapsed_s": float(got["meta"]["elapsed_s"])}
+    state = TrainState.create(net, _adam(float(config.lr), float(config.lr * config.encoder_lr_scale)),
+                              HoverLoss(config.frozen_levels), set_train_mode=lambda m: _set_train_mode(m, pretrained))
+    del net  # its arrays now belong to the train state (donated to the step)
+    step, elapsed = 0, 0.0
+    ckpt = Checkpointer(workdir / "checkpoints", unit="step")
+    if (got := ckpt.restore(state.arrays())) is not None:
+        state, step, elapsed = state.with_arrays(got[0]), got[1].step, got[1].elapsed_s
 
-    def save_ckpt():
-        if mngr.latest_step() == meta["step"]:
-            return
-        mngr.save(meta["step"], force=True, args=ocp.args.StandardSave({
-            "model": _host(nnx.to_pure_dict(nnx.state(net))), "opt": _host(nnx.to_pure_dict(nnx.state(optimizer))),
-            "meta": {k: np.asarray(v, np.float64) for k, v in meta.items()}}))
-        mngr.wait_until_finished()
+    def save():
+        if ckpt.latest_step() != step:
+            ckpt.save(step, state.arrays(), CheckpointMeta(step=step, unit="step", elapsed_s=elapsed))
 
     photometric = photometric_config() if config.augment == "default" else None
     log_path = workdir / "train_log.csv"
-    new_log = not log_path.is_file() or meta["step"] == 0
+    new_log = _trim_log(log_path, step)
     log = open(log_path, "w" if new_log else "a", newline="")
     writer = None
-    bar = tqdm(total=config.steps, initial=meta["step"], desc="cells", disable=not progress, leave=False)
+    bar = tqdm(total=config.steps, initial=step, desc="cells", disable=not progress, leave=False)
     try:
-        while meta["step"] < config.steps and meta["elapsed_s"] < budget_s:
+        while step < config.steps and elapsed < budget_s:
             t0 = time.perf_counter()
-            images, np_t, hv_t, tc_t = _batch(patches, meta["step"], config, photometric)
-            _set_train_mode(net, pretrained)
-            loss, terms = _train_step(net, optimizer, jnp.asarray(images), jnp.asarray(np_t), jnp.asarray(hv_t),
-                                      jnp.asarray(tc_t, jnp.int32) if num_types else None, config.frozen_levels)
-            loss = float(loss)
+            images, np_t, hv_t, tc_t = _batch(patches, step, config, photometric)
+            batch = {"images": jnp.asarray(images), "np": jnp.asarray(np_t), "hv": jnp.asarray(hv_t),
+                     "tc": jnp.asarray(tc_t, jnp.int32) if num_types else None}
+            state, metrics = train_step(state, batch)
+            loss = float(metrics.pop("loss"))
             if not math.isfinite(loss):
-                raise StimageError(f"training diverged at step {meta['step']} (loss {loss}); lower --lr")
-            meta["step"] += 1
-            meta["elapsed_s"] += time.perf_counter() - t0
-            record = {"step": meta["step"], "loss": loss, **{k: float(v) for k, v in terms.items()},
-                      "elapsed_s": round(meta["elapsed_s"], 3)}
+                raise StimageError(f"training diverged at step {step} (loss {loss}); lower --lr")
+            step += 1
+            elapsed += time.perf_counter() - t0
+            record = {"step": step, "loss": loss, **{k: float(v) for k, v in metrics.items()},
+                      "elapsed_s": round(elapsed, 3)}
             if writer is None:
                 writer = csv.DictWriter(log, fieldnames=list(record))
                 if new_log:
@@ -428,22 +304,21 @@ def train_cells(data: str | os.PathLike, workdir: str | os.PathLike, config: Cel
             writer.writerow(record)
             bar.update(1)
             bar.set_postfix(loss=f"{loss:.3f}")
-            if meta["step"] % config.checkpoint_every == 0:
+            if step % config.checkpoint_every == 0:
                 log.flush()
-                save_ckpt()
+                save()
             if on_step is not None:
-                on_step(meta["step"], record)
-        save_ckpt()
+                on_step(step, record)
+        save()
     finally:
         bar.close()
         log.close()
-        mngr.close()
-    net.eval()
+        ckpt.close()
     cfg = {"format": MODEL_FORMAT, "backbone": config.backbone, "num_types": num_types,
            "type_names": list(CELL_TYPES[:num_types]) if num_types else [],
            "patch_size": config.patch_size, "train": {**dataclasses.asdict(config), "num_types": num_types},
            "data": str(data.absolute()), "tiles": summary["tiles"], "patches": summary["patches"],
-           "steps": meta["step"], "elapsed_s": meta["elapsed_s"], "train_minutes": round(meta["elapsed_s"] / 60.0, 3)}
-    model = CellModel(cfg, net)
+           "steps": step, "elapsed_s": elapsed, "train_minutes": round(elapsed / 60.0, 3)}
+    model = CellModel(cfg, state.module())  # evaluation mode
     model.save(workdir / "model")
     return model

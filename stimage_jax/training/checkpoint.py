@@ -102,6 +102,11 @@ class Checkpointer:
         if meta.format != CHECKPOINT_FORMAT or meta.unit != self.unit or meta.step != step:
             raise StimageError(f"{where} has format {meta.format!r} counting {meta.unit!r}s, expected "
                                f"{CHECKPOINT_FORMAT!r} counting {self.unit!r}s; delete it to retrain")
+        # Orbax returns the stored shapes whatever the target's: another architecture must not pass.
+        for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(got["arrays"]), jax.tree.leaves(like)):
+            if np.shape(a) != np.shape(b):
+                raise StimageError(f"{where} holds {jax.tree_util.keystr(path)} of shape {np.shape(a)}, this run "
+                                   f"has {np.shape(b)} (another model?); delete it to retrain")
         return _like(got["arrays"], like), meta
 
     def save(self, step: int, arrays: Any, meta: CheckpointMeta) -> bool:

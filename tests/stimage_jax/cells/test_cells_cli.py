@@ -184,18 +184,31 @@ def test_resume_equals_an_uninterrupted_run_and_budgets_stop(folder, trained, tm
     class Stop(Exception):
         pass
 
-    def stop_at_30(step, _):
-        if step == 30:
+    def stop_at_45(step, _):
+        if step == 45:  # 15 steps after the last checkpoint (30): those are trained again
             raise Stop
 
     with pytest.raises(Stop):
-        train_cells(folder, tmp_path / "cut", cfg, progress=False, on_step=stop_at_30)
+        train_cells(folder, tmp_path / "cut", cfg, progress=False, on_step=stop_at_45)
     assert not (tmp_path / "cut" / "model").exists()
+    assert pd.read_csv(tmp_path / "cut" / "train_log.csv")["step"].tolist() == list(range(1, 46))
     resumed = train_cells(folder, tmp_path / "cut", cfg, progress=False)
     assert resumed.config["steps"] == STEPS
     for a, b in zip(jax.tree.leaves(nnx.state(full.net)), jax.tree.leaves(nnx.state(resumed.net))):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
-    assert pd.read_csv(tmp_path / "cut" / "train_log.csv")["step"].tolist() == list(range(1, STEPS + 1))
+    # The log holds every step once (rows 31-45 of the killed run were dropped), with the
+    # uninterrupted run's losses.
+    log, full_log = pd.read_csv(tmp_path / "cut" / "train_log.csv"), pd.read_csv(trained / "train_log.csv")
+    assert log["step"].tolist() == list(range(1, STEPS + 1))
+    pd.testing.assert_frame_equal(log.drop(columns="elapsed_s"), full_log.drop(columns="elapsed_s"))
+    assert sorted(p.name for p in (tmp_path / "cut").iterdir()) == ["checkpoints", "model", "request.json",
+                                                                     "train_log.csv"]  # no temporary left
+    # The checkpoint metadata is the ensemble's format, counting steps.
+    from stimage_jax.training import CHECKPOINT_FORMAT
+
+    meta = json.loads((tmp_path / "cut" / "checkpoints" / str(STEPS) / "meta" / "metadata").read_text())
+    assert (meta["format"], meta["unit"], meta["step"]) == (CHECKPOINT_FORMAT, "step", STEPS)
+    assert meta["elapsed_s"] == pytest.approx(resumed.config["elapsed_s"])
     # Finished: rerunning returns the saved model without training
     again = train_cells(folder, tmp_path / "cut", cfg, progress=False, on_step=lambda *_: pytest.fail("trained"))
     assert again.config["steps"] == STEPS
@@ -206,6 +219,20 @@ def test_resume_equals_an_uninterrupted_run_and_budgets_stop(folder, trained, tm
     short = train_cells(folder, tmp_path / "short", dataclasses.replace(cfg, steps=1000, minutes=0.0001),
                         progress=False)
     assert short.config["steps"] == 1
+    # ... and a larger budget continues from its checkpoint, logging each step once.
+    longer = train_cells(folder, tmp_path / "short", dataclasses.replace(cfg, steps=3), progress=False)
+    assert longer.config["steps"] == 3
+    assert pd.read_csv(tmp_path / "short" / "train_log.csv")["step"].tolist() == [1, 2, 3]
+
+
+def test_log_of_a_killed_process_is_cut_back_to_its_checkpoint(tmp_path):
+    from stimage_jax.cells.train import _trim_log
+
+    log = tmp_path / "train_log.csv"
+    log.write_bytes(b"step,loss\r\n1,0.5\r\n2,0.4\r\n3,0.3\r\n4,0.2\r\n5,0.")  # SIGKILL mid-row
+    assert _trim_log(log, 3) is False  # keeps its header: appended to
+    assert log.read_bytes() == b"step,loss\r\n1,0.5\r\n2,0.4\r\n3,0.3\r\n"
+    assert _trim_log(log, 0) is True and _trim_log(tmp_path / "none.csv", 7) is True  # starts afresh
 
 
 def test_windowed_prediction_stitches_exactly(trained, monkeypatch):
