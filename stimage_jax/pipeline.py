@@ -386,12 +386,10 @@ def _model_config(run: _Run, strategy: str) -> dict:
     return cfg
 
 
-def _members_for(run: _Run, mcfg: dict, src: dict, si: int, backbones, feats, cache, progress, key):
+def _members_for(run: _Run, mcfg: dict, src: dict, si: int, backbones, feats, y_tr, cache, progress, key):
     """One source's untrained stacked members and their training arrays:
-    (members, x_train, y_train, x_val, set_train_mode, per-member keys)."""
+    (members, x_train, y_train, x_val, set_train_mode, member ids, per-member keys)."""
     c, f = run.cfg, run.cfg.features
-    counts = [counts_matrix(a, run.genes) for a in run.adatas]
-    y_tr = _pick(counts, run.is_val, False)
     f_tr, f_va = _pick(feats[src["name"]], run.is_val, False), _pick(feats[src["name"]], run.is_val, True)
     ids = [si * c.members + m for m in range(c.members)]   # global member index: distinct seeds
     init_keys = jnp.stack([jax.random.fold_in(jax.random.fold_in(key, i), 0) for i in ids])
@@ -422,15 +420,16 @@ def _members_for(run: _Run, mcfg: dict, src: dict, si: int, backbones, feats, ca
 def _fit_sources(run: _Run, mcfg: dict, backbones, feats, workdir: Path, cache: Path, progress: bool):
     """Train every source's members → (member modules, log rows, best epochs)."""
     c = run.cfg
-    y_va = _pick([counts_matrix(a, run.genes) for a in run.adatas], run.is_val, True)
+    counts = [counts_matrix(a, run.genes) for a in run.adatas]
+    y_tr, y_va = _pick(counts, run.is_val, False), _pick(counts, run.is_val, True)
     key = jax.random.key(c.seed)
     trained, logs, best_epochs = [], [], []
     for si, src in enumerate(run.sources):
-        stacked, x_tr, y_tr, x_va, mode, ids, train_keys = _members_for(run, mcfg, src, si, backbones, feats,
-                                                                        cache, progress, key)
+        stacked, x_tr, y_src, x_va, mode, ids, train_keys = _members_for(run, mcfg, src, si, backbones, feats,
+                                                                         y_tr, cache, progress, key)
         log.info("training %d member(s) on %s (%s strategy)", c.members, src["name"], mcfg["strategy"])
         aug = augment_config(c.features.augment) if c.features.fine_tune else None
-        stacked, hists = fit_ensemble(stacked, x_tr, y_tr, x_va, y_va, keys=train_keys, config=c.train,
+        stacked, hists = fit_ensemble(stacked, x_tr, y_src, x_va, y_va, keys=train_keys, config=c.train,
                                       strategy=mcfg["strategy"], ckpt_dir=workdir / "checkpoints" / src["name"],
                                       set_train_mode=mode, progress=progress, augment=aug)
         trained += unstack_members(stacked)
