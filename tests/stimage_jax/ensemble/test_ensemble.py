@@ -88,6 +88,17 @@ def test_vmap_equals_loop_with_per_member_early_stopping(nb_data, cfg):
     np.testing.assert_allclose(np.asarray(a.r_out.bias[...]), np.asarray(b.r_out.bias[...]), atol=1e-5)
 
 
+def test_loop_strategy_compiles_its_step_once_for_all_members(nb_data):
+    from stimage_jax.training import members_train_step
+
+    x, y = nb_data
+    st, ks = _stacked(x, y, 3)
+    before = members_train_step._cache_size()
+    fit_ensemble(st, x[:160], y[:160], keys=ks, config=TrainConfig(lr=1.23e-2, max_epochs=2, batch_size=32),
+                 strategy="loop", progress=False)
+    assert members_train_step._cache_size() == before + 1  # one one-member program, not one per member
+
+
 def _plain_optax_fit(model, x, y, x_val, y_val, key, cfg: TrainConfig):
     """The single-model algorithm written out with plain optax, independently of the library:
     epoch e visits rows in ``permutation(fold_in(key, e))`` order, in sorted fixed-size
