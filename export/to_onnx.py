@@ -29,7 +29,7 @@ from data_pipelines.io import atomic_path
 from export.runtime.onnx_model import ONNX_FORMAT
 from stimage_jax.ensemble.model import EnsembleModel, forward, model_provenance
 
-__all__ = ["export_onnx", "ONNX_FORMAT", "graph_function"]
+__all__ = ["export_onnx", "to_onnx_proto", "ONNX_FORMAT", "graph_function"]
 
 TWO_GB = 2 * 1024**3
 
@@ -47,9 +47,8 @@ def graph_function(model: EnsembleModel):
     return lambda tiles: forward(model.backbones, model.members, sources, model.point, tiles)
 
 
-def export_onnx(model: EnsembleModel, out: str | os.PathLike, *, overwrite: bool = False,
-                opset: int = 23) -> Path:
-    """Write ``model`` as ONNX to ``out`` (atomically) and return the path."""
+def to_onnx_proto(model: EnsembleModel, *, opset: int = 23) -> onnx.ModelProto:
+    """``model`` as a checked ONNX ModelProto (member-major, format ``ONNX_FORMAT``), not written."""
     cfg = model.config
     emb = model.embedding_sources()
     if emb:
@@ -80,6 +79,13 @@ def export_onnx(model: EnsembleModel, out: str | os.PathLike, *, overwrite: bool
     for k, v in meta.items():
         proto.metadata_props.add(key=k, value=v)
     onnx.checker.check_model(proto)
+    return proto
+
+
+def export_onnx(model: EnsembleModel, out: str | os.PathLike, *, overwrite: bool = False,
+                opset: int = 23) -> Path:
+    """Write ``model`` as ONNX to ``out`` (atomically) and return the path."""
+    proto = to_onnx_proto(model, opset=opset)
     out = Path(out)
     with atomic_path(out, overwrite=overwrite) as tmp:
         if proto.ByteSize() > TWO_GB:  # protobuf's limit: weights go to a sidecar file
