@@ -94,7 +94,7 @@ def parse_infer_request(body: bytes, header_length: str | None = None) -> tuple[
         if name in arrays:
             raise ProtocolError(f"input {name!r} is given twice")
         dt = t.get("datatype")
-        if dt not in DTYPES:
+        if not isinstance(dt, str) or dt not in DTYPES:
             raise ProtocolError(f"input {name!r}: datatype {dt!r} is not one of {', '.join(DTYPES)}")
         dtype = np.dtype(DTYPES[dt])
         shape = _shape(t, name)

@@ -243,6 +243,37 @@ def test_every_bad_request_is_4xx_with_an_error_and_the_server_stays_ready(serve
     assert 'stimage_inference_failures_total{model="her2st",code="500"}' not in text
 
 
+def test_fuzzed_requests_never_answer_5xx(server, c6_tiles):
+    """200 seeded mutations of a valid binary request: 2xx or 4xx, never 5xx; still ready."""
+    import random
+
+    rng = random.Random(0)
+    blob = c6_tiles[0].tobytes()
+    for _ in range(200):
+        header = {"inputs": [{"name": "tiles", "datatype": "UINT8", "shape": [1, 32, 32, 3],
+                              "parameters": {"binary_data_size": len(blob)}}]}
+        kind = rng.randrange(6)
+        if kind == 0:
+            header["inputs"][0][rng.choice(["name", "datatype", "shape", "parameters"])] = rng.choice(
+                [None, 7, "x", [], {}, [1, -1], [2 ** 40], {"binary_data_size": -3}, "FP64", [1, 2], {"a": 1}, [[1]]])
+        elif kind == 1:
+            header = rng.choice([[], 3, "s", None, {"inputs": None}, {"inputs": [None]}, {"outputs": [{"name": 1}]},
+                                 {"inputs": header["inputs"], "outputs": [{"name": "mean", "parameters": [1]}]},
+                                 {"inputs": header["inputs"], "parameters": {"binary_data_output": {"x": 1}}}])
+        js = json.dumps(header).encode()
+        body, headers = bytearray(js + blob), {"Inference-Header-Content-Length": str(len(js))}
+        if kind == 2:
+            for _ in range(rng.randint(1, 20)):
+                body[rng.randrange(len(body))] = rng.randrange(256)
+        elif kind == 3:
+            body = body[:rng.randrange(len(body))]
+        elif kind == 4:
+            headers["Inference-Header-Content-Length"] = rng.choice(["-1", "x", str(len(body) + 5), "0", ""])
+        status, reply = _get(server, "/v2/models/her2st/infer", "POST", bytes(body), headers)
+        assert status < 500, (kind, header, reply[:300])
+    assert server.ready()
+
+
 def test_metrics_are_prometheus_text(server, c6_tiles):
     c = httpclient.InferenceServerClient(server.url)
     _infer(c, c6_tiles[:3], outputs=("mean",))
