@@ -13,6 +13,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--repo", required=True, help="Triton-layout model repository (stimage export-onnx --triton-repo)")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1; any other needs --token)")
     p.add_argument("--port", type=int, default=8000, help="HTTP port (default 8000; 0 picks a free one)")
+    p.add_argument("--grpc-port", type=int, default=None,
+                   help="also serve gRPC (Triton's GRPCInferenceService) on this port (0 picks one; needs "
+                        "tritonclient[grpc]); off by default")
     p.add_argument("--token", default=os.environ.get("STIMAGE_SERVE_TOKEN"),
                    help="bearer token every request but the health probes must carry (default $STIMAGE_SERVE_TOKEN)")
     p.add_argument("--max-body-mb", type=float, default=64, help="request body cap in MiB (default 64; over it: 413)")
@@ -31,6 +34,15 @@ def check(a) -> None:
 
     if not 0 <= a.port <= 65535:
         raise StimageError(f"--port must be in 0..65535, got {a.port}")
+    if a.grpc_port is not None:
+        if not 0 <= a.grpc_port <= 65535:
+            raise StimageError(f"--grpc-port must be in 0..65535, got {a.grpc_port}")
+        try:
+            import grpc  # noqa: F401
+            import tritonclient.grpc.service_pb2_grpc  # noqa: F401
+        except ImportError:
+            raise StimageError("--grpc-port needs grpcio and tritonclient[grpc] (pip install 'stimage-jax[serve]')") \
+                from None
     if not Path(a.repo).is_dir():
         raise StimageError(f"model repository {a.repo} is not a folder")
     if not is_loopback(a.host) and not a.token:
@@ -50,7 +62,7 @@ def run(a) -> None:
     check(a)
     serve(a.repo, host=a.host, port=a.port, token=a.token, max_body_mb=a.max_body_mb,
           max_batch_size=a.max_batch_size, max_delay_us=a.max_delay_us, batching=not a.no_batching,
-          threads=a.threads)
+          threads=a.threads, grpc_port=a.grpc_port)
 
 
 def main(argv=None) -> int:

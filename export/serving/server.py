@@ -43,13 +43,32 @@ def is_loopback(host: str) -> bool:
         return False
 
 
+def check_tiles(m: ServedModel, arrays: dict, datatypes: dict) -> np.ndarray:
+    """The one input a model takes, checked (REST and gRPC alike): uint8 (N, px, px, 3), N >= 1."""
+    if set(arrays) != {"tiles"}:
+        raise ProtocolError(f"model {m.name!r} takes one input 'tiles', the request gives "
+                            f"{', '.join(sorted(arrays)) or 'none'}")
+    tiles = arrays["tiles"]
+    if datatypes.get("tiles") != "UINT8":
+        raise ProtocolError(f"input 'tiles' has datatype {datatypes.get('tiles')}; the model takes UINT8 RGB tiles")
+    if tiles.ndim != 4 or tiles.shape[1:] != (m.tile_px, m.tile_px, 3):
+        raise ProtocolError(f"input 'tiles' has shape {list(tiles.shape)}; the model takes "
+                            f"[N, {m.tile_px}, {m.tile_px}, 3] (tiles cut at {m.tile_um} um, resized to "
+                            f"{m.tile_px} px)")
+    if len(tiles) == 0:
+        raise ProtocolError("input 'tiles' has no tiles")
+    return np.ascontiguousarray(tiles)
+
+
 def _error(status: int, message: str) -> web.Response:
     return web.json_response({"error": message}, status=status)
 
 
 class _Server:
-    def __init__(self, repo: Repository, *, token: str | None, max_body: int, batching: bool):
+    def __init__(self, repo: Repository, *, token: str | None, max_body: int, batching: bool,
+                 grpc_address: str | None = None):
         self.repo, self.token, self.max_body, self.batching = repo, token, max_body, batching
+        self.grpc_address, self.grpc = grpc_address, None
         self.metrics = Metrics()
         self.executor = ThreadPoolExecutor(1, thread_name_prefix="onnxruntime")  # one batch at a time
         self.aux = ThreadPoolExecutor(2, thread_name_prefix="interval")  # q_lo/q_hi (scipy), off the event loop
@@ -93,16 +112,7 @@ class _Server:
         return web.json_response({"name": "stimage", "version": VERSION, "extensions": EXTENSIONS})
 
     def _model(self, request) -> ServedModel:
-        name, version = request.match_info["name"], request.match_info.get("version")
-        m = self.repo.get(name, version)
-        if m is None:
-            if name not in self.repo.models:
-                why = self.repo.failed.get(name) or next((v for k, v in self.repo.failed.items()
-                                                          if k.startswith(name + "/")), None)
-                raise ProtocolError(f"unknown model {name!r}" + (f" (not loaded: {why})" if why else ""), 404)
-            raise ProtocolError(f"model {name!r} has no version {version!r} (versions: "
-                                f"{', '.join(sorted(self.repo.models[name], key=int))})", 404)
-        return m
+        return self.lookup(request.match_info["name"], request.match_info.get("version"))
 
     async def model_metadata(self, request):
         return web.json_response(self._model(request).metadata())
@@ -144,22 +154,11 @@ class _Server:
         if set(arrays) != {"tiles"}:
             raise ProtocolError(f"model {m.name!r} takes one input 'tiles', the request gives "
                                 f"{', '.join(sorted(arrays))}")
-        tiles = arrays["tiles"]
-        dt = next(t["datatype"] for t in header["inputs"] if t["name"] == "tiles")
-        if dt != "UINT8":
-            raise ProtocolError(f"input 'tiles' has datatype {dt}; the model takes UINT8 RGB tiles")
-        if tiles.ndim != 4 or tiles.shape[1:] != (m.tile_px, m.tile_px, 3):
-            raise ProtocolError(f"input 'tiles' has shape {list(tiles.shape)}; the model takes "
-                                f"[N, {m.tile_px}, {m.tile_px}, 3] (tiles cut at {m.tile_um} um, resized to "
-                                f"{m.tile_px} px)")
-        if len(tiles) == 0:
-            raise ProtocolError("input 'tiles' has no tiles")
+        tiles = check_tiles(m, arrays, {t["name"]: t["datatype"] for t in header["inputs"]})
         wanted = requested_outputs(header, m.outputs, DEFAULT_OUTPUTS)
         if not self.ready:
             raise ProtocolError("the server is shutting down", 503)
-        out = await self.batchers[(m.name, m.version)].submit(np.ascontiguousarray(tiles))
-        if any(n in EXTRA_OUTPUTS for n, _ in wanted):
-            out = {**out, **await asyncio.get_running_loop().run_in_executor(self.aux, m.interval, out["mu"], out["r"])}
+        out = await self.predict(m, tiles, [n for n, _ in wanted])
         reply = {"model_name": m.name, "model_version": m.version}
         if isinstance(header.get("id"), str):
             reply["id"] = header["id"]
@@ -170,15 +169,40 @@ class _Server:
         return web.Response(body=body, content_type="application/octet-stream" if binary else "application/json",
                             headers={HEADER_LENGTH: str(hlen)} if binary else None)
 
+    async def predict(self, m: ServedModel, tiles: np.ndarray, names) -> dict[str, np.ndarray]:
+        if not self.ready:
+            raise ProtocolError("the server is shutting down", 503)
+        out = await self.batchers[(m.name, m.version)].submit(tiles)
+        if any(n in EXTRA_OUTPUTS for n in names):
+            out = {**out, **await asyncio.get_running_loop().run_in_executor(self.aux, m.interval, out["mu"], out["r"])}
+        return out
+
+    def lookup(self, name: str, version: str | None) -> ServedModel:
+        m = self.repo.get(name, version)
+        if m is None:
+            if name not in self.repo.models:
+                why = self.repo.failed.get(name) or next((v for k, v in self.repo.failed.items()
+                                                          if k.startswith(name + "/")), None)
+                raise ProtocolError(f"unknown model {name!r}" + (f" (not loaded: {why})" if why else ""), 404)
+            raise ProtocolError(f"model {name!r} has no version {version!r} (versions: "
+                                f"{', '.join(sorted(self.repo.models[name], key=int))})", 404)
+        return m
+
     # -- lifecycle ----------------------------------------------------------------------------------------------
     async def on_startup(self, app):
         for name, versions in self.repo.models.items():
             for v, m in versions.items():
                 self.batchers[(name, v)] = Batcher(m, self.executor, self.metrics, enabled=self.batching)
+        if self.grpc_address:
+            from export.serving.grpc_server import start_grpc
+
+            self.grpc, self.grpc_port = await start_grpc(self, self.grpc_address)
         self.ready = True
 
     async def on_shutdown(self, app):
         self.ready = False  # new requests get 503; queued ones finish below
+        if self.grpc is not None:
+            await self.grpc.stop(grace=30.0)  # in-flight gRPC calls finish
         await asyncio.gather(*(b.drain() for b in self.batchers.values()))
 
     async def on_cleanup(self, app):
@@ -187,8 +211,8 @@ class _Server:
 
 
 def make_app(repo: Repository, *, token: str | None = None, max_body: int = DEFAULT_MAX_BODY,
-             batching: bool = True) -> web.Application:
-    s = _Server(repo, token=token, max_body=max_body, batching=batching)
+             batching: bool = True, grpc_address: str | None = None) -> web.Application:
+    s = _Server(repo, token=token, max_body=max_body, batching=batching, grpc_address=grpc_address)
     app = web.Application(client_max_size=max_body, middlewares=[s.guard])
     app["server"] = s
     r = app.router
@@ -210,7 +234,7 @@ def make_app(repo: Repository, *, token: str | None = None, max_body: int = DEFA
 
 def serve(repo_path, *, host: str = "127.0.0.1", port: int = 8000, token: str | None = None,
           max_body_mb: float = 64, max_batch_size: int | None = None, max_delay_us: int | None = None,
-          batching: bool = True, threads: int = 0, print_fn=print) -> None:
+          batching: bool = True, threads: int = 0, grpc_port: int | None = None, print_fn=print) -> None:
     """Load the repository and serve until SIGINT/SIGTERM (in-flight batches finish first)."""
     if not is_loopback(host) and not token:
         raise StimageError(f"--host {host} is not a loopback address: pass --token (or STIMAGE_SERVE_TOKEN) "
@@ -223,7 +247,9 @@ def serve(repo_path, *, host: str = "127.0.0.1", port: int = 8000, token: str | 
     if not repo.models:
         raise StimageError(f"no model in {repo_path} could be loaded"
                            + (f" ({'; '.join(f'{k}: {v}' for k, v in repo.failed.items())})" if repo.failed else ""))
-    app = make_app(repo, token=token, max_body=int(max_body_mb * 1024 * 1024), batching=batching)
+    grpc_address = None if grpc_port is None else (f"[{host}]:{grpc_port}" if ":" in host else f"{host}:{grpc_port}")
+    app = make_app(repo, token=token, max_body=int(max_body_mb * 1024 * 1024), batching=batching,
+                   grpc_address=grpc_address)
 
     async def main():
         import signal
@@ -238,7 +264,8 @@ def serve(repo_path, *, host: str = "127.0.0.1", port: int = 8000, token: str | 
         await site.start()
         bound = site._server.sockets[0].getsockname()[1]  # noqa: SLF001 - the real port when --port 0
         names = ", ".join(f"{n} (v{','.join(sorted(vs, key=int))})" for n, vs in repo.models.items())
-        print_fn(f"serving {names} on http://{host}:{bound} (Open Inference Protocol v2; metrics at /metrics)",
+        grpc = f", gRPC on {host}:{app['server'].grpc_port}" if grpc_address else ""
+        print_fn(f"serving {names} on http://{host}:{bound} (Open Inference Protocol v2; metrics at /metrics){grpc}",
                  flush=True)
         await stop.wait()
         # stop accepting, answer what is queued and in flight (on_shutdown drains the batchers), then close

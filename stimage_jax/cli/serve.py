@@ -28,6 +28,8 @@ def run(a) -> None:
         argv += ["--max-batch-size", str(a.max_batch_size)]
     if a.max_delay_us is not None:
         argv += ["--max-delay-us", str(a.max_delay_us)]
+    if a.grpc_port is not None:
+        argv += ["--grpc-port", str(a.grpc_port)]
     if a.no_batching:
         argv.append("--no-batching")
     env = dict(os.environ)

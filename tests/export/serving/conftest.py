@@ -64,6 +64,7 @@ class Server:
             self.log.append(line)
             if line.startswith("serving "):
                 self.url = line.split(" on ")[1].split()[0].removeprefix("http://")
+                self.grpc_url = line.split("gRPC on ")[1].strip() if "gRPC on " in line else None
                 break
         else:
             raise AssertionError("server did not start")
@@ -87,6 +88,6 @@ class Server:
 
 @pytest.fixture(scope="package")
 def server(exported):
-    s = Server(exported[1], "--max-body-mb", "1", "--max-delay-us", "5000")
+    s = Server(exported[1], "--max-body-mb", "1", "--max-delay-us", "5000", "--grpc-port", "0")
     yield s
     assert s.stop() == 0

@@ -274,6 +274,35 @@ def test_fuzzed_requests_never_answer_5xx(server, c6_tiles):
     assert server.ready()
 
 
+def test_grpc_infer_health_and_bad_requests(server, exported, c6_tiles):
+    import tritonclient.grpc as grpcclient
+
+    c = grpcclient.InferenceServerClient(server.grpc_url)
+    assert c.is_server_live() and c.is_server_ready() and c.is_model_ready("her2st")
+    assert not c.is_model_ready("broken")
+    meta = c.get_model_metadata("her2st")
+    assert [(t.name, list(t.shape)) for t in meta.inputs] == [("tiles", [-1, 32, 32, 3])]
+    tiles = c6_tiles[10:15]
+    inp = grpcclient.InferInput("tiles", list(tiles.shape), "UINT8")
+    inp.set_data_from_numpy(tiles)
+    res = c.infer("her2st", [inp], outputs=[grpcclient.InferRequestedOutput(n) for n in ALL], request_id="g")
+    want = _expected(exported[0], tiles)
+    for n in ALL:
+        _close(res.as_numpy(n), want[n], n)
+    res = c.infer("her2st", [inp], model_version="1")  # no outputs named: the moments
+    assert sorted(o.name for o in res.get_response().outputs) == ["mean", "var_aleatoric", "var_epistemic"]
+    for bad, dtype, model, match in [(c6_tiles[:1, :16, :16], "UINT8", "her2st", "INVALID_ARGUMENT.*32, 32, 3"),
+                                     (c6_tiles[:1].astype(np.float32), "FP32", "her2st", "INVALID_ARGUMENT.*UINT8"),
+                                     (c6_tiles[:1], "UINT8", "nope", "NOT_FOUND.*unknown model")]:
+        i = grpcclient.InferInput("tiles", list(bad.shape), dtype)
+        i.set_data_from_numpy(bad)
+        with pytest.raises(InferenceServerException, match=match):
+            c.infer(model, [i])
+    with pytest.raises(InferenceServerException, match="NOT_FOUND"):
+        c.infer("her2st", [inp], model_version="3")
+    assert c.is_server_ready() and server.ready()
+
+
 def test_metrics_are_prometheus_text(server, c6_tiles):
     c = httpclient.InferenceServerClient(server.url)
     _infer(c, c6_tiles[:3], outputs=("mean",))
