@@ -359,3 +359,21 @@ def test_non_loopback_host_needs_a_token(exported, capsys):
     assert main(["serve", "--repo", str(exported[1] / "missing")]) == 2
     assert main(["export-onnx", "--model", str(exported[0]), "--triton-repo", str(exported[1])]) == 2
     assert "--name" in capsys.readouterr().err
+
+
+def test_served_ensemble_is_a_predictor_and_predicts_the_section_as_the_file_does(server, exported, her2st_c6):
+    from export.runtime.prediction import predict_adata
+    from export.runtime.predictor import Predictor
+    from export.serving.client import ServedEnsemble
+
+    served = ServedEnsemble(server.url, "her2st")
+    assert isinstance(served, Predictor) and served.tile_px == 32 and len(served.genes) == 14
+    sub = her2st_c6[:40].copy()
+    a = predict_adata(sub, served, progress=False)
+    b = predict_adata(sub, OnnxEnsemble(exported[0]), progress=False)
+    assert list(a.var_names) == list(b.var_names)
+    _close(np.asarray(a.X), np.asarray(b.X), "X")
+    for k in ("var_aleatoric", "q_lo", "q_hi"):
+        _close(np.asarray(a.layers[k]), np.asarray(b.layers[k]), k)
+    with pytest.raises(Exception, match="unknown model"):
+        ServedEnsemble(server.url, "nope")
