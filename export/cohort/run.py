@@ -17,6 +17,7 @@ prediction (mpp, min_coverage, interval, batch_size, heatmap genes). Names never
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import hashlib
 import json
@@ -122,6 +123,30 @@ def _write_manifest(out: Path, rows: dict, order: list[str]) -> None:
                     w.writerow([rows[sid].get(c, "") for c in MANIFEST_COLUMNS])
 
 
+@contextlib.contextmanager
+def _workers_skip_main():
+    """Spawned workers re-run the parent's ``__main__`` (the ``stimage`` script would import
+    the JAX CLI into every worker). The task lives in :mod:`export.cohort.worker`, never in
+    ``__main__``, so while workers start, ``__main__`` is named as a package ``__main__``
+    module, which multiprocessing does not re-import in the child."""
+    import importlib.machinery
+    import sys
+
+    main = sys.modules.get("__main__")
+    had = hasattr(main, "__spec__")
+    old = getattr(main, "__spec__", None)
+    if main is not None:
+        main.__spec__ = importlib.machinery.ModuleSpec("export.cohort.__main__", None)
+    try:
+        yield
+    finally:
+        if main is not None:
+            if had:
+                main.__spec__ = old
+            else:
+                del main.__spec__
+
+
 def _executor(workers: int, dask: str | None, dask_local: int | None):
     """(submit(fn, task) -> future, as_completed, close, n_workers, threads per worker)."""
     cores = os.cpu_count() or 1
@@ -132,8 +157,9 @@ def _executor(workers: int, dask: str | None, dask_local: int | None):
         except ImportError:
             raise StimageError("--dask/--dask-local need dask.distributed: pip install 'stimage-jax[cohort]'") from None
         if dask_local:
-            cluster = LocalCluster(n_workers=dask_local, threads_per_worker=1, processes=True,
-                                   dashboard_address=None)
+            with _workers_skip_main():
+                cluster = LocalCluster(n_workers=dask_local, threads_per_worker=1, processes=True,
+                                       dashboard_address=None)
             client = Client(cluster)
             n, threads = dask_local, max(1, cores // dask_local)
         else:
@@ -258,8 +284,9 @@ def predict_cohort(model: str, slides_csv, out, *, workers: int = 1, dask: str |
             submit, completed, close, n, threads = _executor(workers, dask, dask_local)
             try:
                 futures = {}
-                for t in todo:
-                    futures[submit({**t, "threads": threads})] = t
+                with _workers_skip_main():  # a process pool starts its workers at the first submit
+                    for t in todo:
+                        futures[submit({**t, "threads": threads})] = t
                 bar = tqdm(total=len(todo), desc="slides", unit="slide", disable=not progress)
                 for fut in completed(list(futures)):
                     t = futures[fut]

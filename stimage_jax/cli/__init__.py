@@ -13,15 +13,15 @@ import logging
 import sys
 
 from data_pipelines.errors import StimageError
-from stimage_jax.cli import (benchmark, cells, evaluate, explain, export_onnx, latent, predict, quickstart, read,
-                             segment_nuclei, serve, train)
+from stimage_jax.cli import (benchmark, cells, clinical, cohort, evaluate, explain, export_onnx, latent, predict,
+                             quickstart, read, segment_nuclei, serve, train)
 from stimage_jax.cli.common import common_parent
 
 __all__ = ["main", "build_parser", "COMMANDS"]
 
 # Subcommands in the order `stimage --help` lists them; each module has add_parser(sub, parents).
 COMMANDS = (read, train, predict, export_onnx, evaluate, explain, latent, segment_nuclei, benchmark, cells,
-            quickstart, serve)
+            quickstart, serve, cohort, clinical)
 
 
 class _Parser(argparse.ArgumentParser):
