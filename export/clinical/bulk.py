@@ -74,9 +74,9 @@ def run_bulk(pred, bulk, out, *, pred_transform: str = "auto", bulk_transform: s
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     with atomic_path(out / "bulk_genes.csv") as tmp:
-        g.to_csv(tmp, index=False, float_format="%.6g")
+        g.to_csv(tmp, index=False, float_format="%.10g")
     with atomic_path(out / "bulk_samples.csv") as tmp:
-        s.to_csv(tmp, index=False, float_format="%.6g")
+        s.to_csv(tmp, index=False, float_format="%.10g")
     samples, genes = s["sample"].tolist(), g["gene"].tolist()
     best = g.sort_values("pcc", ascending=False, na_position="last")["gene"]
     _scatter(P.loc[samples, genes], B.loc[samples, genes], best, "gene", out / "bulk_genes.png",

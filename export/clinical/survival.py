@@ -174,7 +174,7 @@ def run_survival(expr, clinical, time_col: str, event_col: str, out, *, n_genes:
                 parts.append(u)
     table = pd.concat(parts, ignore_index=True)
     with atomic_path(out / "univariate.csv") as tmp:
-        table.to_csv(tmp, index=False, float_format="%.6g")
+        table.to_csv(tmp, index=False, float_format="%.10g")
     best = uni.sort_values(["c_index", "gene"], ascending=[False, True])["gene"].tolist()[:top]
     res = cv_multivariate(X, t, e, top=top, folds=folds, repeats=repeats, seed=seed, penalizer=penalizer)
     km = km_split(X, t, e, best, out / "km.png", penalizer=penalizer)
