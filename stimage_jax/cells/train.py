@@ -269,51 +269,46 @@ def train_cells(data: str | os.PathLike, workdir: str | os.PathLike, config: Cel
                               HoverLoss(config.frozen_levels), set_train_mode=lambda m: _set_train_mode(m, pretrained))
     del net  # its arrays now belong to the train state (donated to the step)
     step, elapsed = 0, 0.0
-    ckpt = Checkpointer(workdir / "checkpoints", unit="step")
-    if (got := ckpt.restore(state.arrays())) is not None:
-        state, step, elapsed = state.with_arrays(got[0]), got[1].step, got[1].elapsed_s
-
-    def save():
-        if ckpt.latest_step() != step:
-            ckpt.save(step, state.arrays(), CheckpointMeta(step=step, unit="step", elapsed_s=elapsed))
-
     photometric = photometric_config() if config.augment == "default" else None
     log_path = workdir / "train_log.csv"
-    new_log = _trim_log(log_path, step)
-    log = open(log_path, "w" if new_log else "a", newline="")
-    writer = None
-    bar = tqdm(total=config.steps, initial=step, desc="cells", disable=not progress, leave=False)
-    try:
-        while step < config.steps and elapsed < budget_s:
-            t0 = time.perf_counter()
-            images, np_t, hv_t, tc_t = _batch(patches, step, config, photometric)
-            batch = {"images": jnp.asarray(images), "np": jnp.asarray(np_t), "hv": jnp.asarray(hv_t),
-                     "tc": jnp.asarray(tc_t, jnp.int32) if num_types else None}
-            state, metrics = train_step(state, batch)
-            loss = float(metrics.pop("loss"))
-            if not math.isfinite(loss):
-                raise StimageError(f"training diverged at step {step} (loss {loss}); lower --lr")
-            step += 1
-            elapsed += time.perf_counter() - t0
-            record = {"step": step, "loss": loss, **{k: float(v) for k, v in metrics.items()},
-                      "elapsed_s": round(elapsed, 3)}
-            if writer is None:
-                writer = csv.DictWriter(log, fieldnames=list(record))
-                if new_log:
-                    writer.writeheader()
-            writer.writerow(record)
-            bar.update(1)
-            bar.set_postfix(loss=f"{loss:.3f}")
-            if step % config.checkpoint_every == 0:
-                log.flush()
-                save()
-            if on_step is not None:
-                on_step(step, record)
-        save()
-    finally:
-        bar.close()
-        log.close()
-        ckpt.close()
+    with Checkpointer(workdir / "checkpoints", unit="step") as ckpt:
+        if (got := ckpt.restore(state.arrays())) is not None:
+            state, step, elapsed = state.with_arrays(got[0]), got[1].step, got[1].elapsed_s
+
+        def save():
+            if ckpt.latest_step() != step:
+                ckpt.save(step, state.arrays(), CheckpointMeta(step=step, unit="step", elapsed_s=elapsed))
+
+        new_log = _trim_log(log_path, step)
+        writer = None
+        with open(log_path, "w" if new_log else "a", newline="") as log, \
+                tqdm(total=config.steps, initial=step, desc="cells", disable=not progress, leave=False) as bar:
+            while step < config.steps and elapsed < budget_s:
+                t0 = time.perf_counter()
+                images, np_t, hv_t, tc_t = _batch(patches, step, config, photometric)
+                batch = {"images": jnp.asarray(images), "np": jnp.asarray(np_t), "hv": jnp.asarray(hv_t),
+                         "tc": jnp.asarray(tc_t, jnp.int32) if num_types else None}
+                state, metrics = train_step(state, batch)
+                loss = float(metrics.pop("loss"))
+                if not math.isfinite(loss):
+                    raise StimageError(f"training diverged at step {step} (loss {loss}); lower --lr")
+                step += 1
+                elapsed += time.perf_counter() - t0
+                record = {"step": step, "loss": loss, **{k: float(v) for k, v in metrics.items()},
+                          "elapsed_s": round(elapsed, 3)}
+                if writer is None:
+                    writer = csv.DictWriter(log, fieldnames=list(record))
+                    if new_log:
+                        writer.writeheader()
+                writer.writerow(record)
+                bar.update(1)
+                bar.set_postfix(loss=f"{loss:.3f}")
+                if step % config.checkpoint_every == 0:
+                    log.flush()
+                    save()
+                if on_step is not None:
+                    on_step(step, record)
+            save()
     cfg = {"format": MODEL_FORMAT, "backbone": config.backbone, "num_types": num_types,
            "type_names": list(CELL_TYPES[:num_types]) if num_types else [],
            "patch_size": config.patch_size, "train": {**dataclasses.asdict(config), "num_types": num_types},

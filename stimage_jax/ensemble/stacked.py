@@ -24,6 +24,7 @@ both strategies; :class:`~stimage_jax.training.Checkpointer`).
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -157,26 +158,28 @@ def fit_ensemble(members: nnx.Module, x_train, y_train, x_val=None, y_val=None, 
     stop = {"best_val": np.full(n_mem, np.inf), "bad_epochs": np.zeros(n_mem, np.int64),
             "done": np.zeros(n_mem, bool)}
     histories: list[list[dict]] = [[] for _ in range(n_mem)]
-    ckpt = Checkpointer(Path(ckpt_dir) / "stacked", unit="epoch") if ckpt_dir is not None else None
-    if ckpt is not None and (got := ckpt.restore({"state": state.arrays(), "best": best})) is not None:
-        arrays, meta = got
-        state, best, epoch = state.with_arrays(arrays["state"]), arrays["best"], meta.step
-        stop = {k: np.asarray(meta.early_stopping[k], v.dtype) for k, v in stop.items()}
-        histories = [list(h) for h in meta.histories]
-    # From here on the state is a list of groups; concatenated again to save and to finish.
-    states, bests = split_members(state, groups), split_members(best, groups)
+    with contextlib.ExitStack() as stack:  # closes the checkpointer and the progress bar
+        ckpt = None
+        if ckpt_dir is not None:
+            ckpt = stack.enter_context(Checkpointer(Path(ckpt_dir) / "stacked", unit="epoch"))
+        if ckpt is not None and (got := ckpt.restore({"state": state.arrays(), "best": best})) is not None:
+            arrays, meta = got
+            state, best, epoch = state.with_arrays(arrays["state"]), arrays["best"], meta.step
+            stop = {k: np.asarray(meta.early_stopping[k], v.dtype) for k, v in stop.items()}
+            histories = [list(h) for h in meta.histories]
+        # From here on the state is a list of groups; concatenated again to save and to finish.
+        states, bests = split_members(state, groups), split_members(best, groups)
 
-    def save():
-        if ckpt is None or ckpt.latest_step() == epoch:
-            return
-        ckpt.save(epoch, {"state": concat_members(states).arrays(), "best": concat_members(bests)},
-                  CheckpointMeta(step=epoch, unit="epoch", histories=histories,
-                                 early_stopping={k: v.tolist() for k, v in stop.items()}))
+        def save():
+            if ckpt is None or ckpt.latest_step() == epoch:
+                return
+            ckpt.save(epoch, {"state": concat_members(states).arrays(), "best": concat_members(bests)},
+                      CheckpointMeta(step=epoch, unit="epoch", histories=histories,
+                                     early_stopping={k: v.tolist() for k, v in stop.items()}))
 
-    bar = tqdm(total=config.max_epochs, initial=epoch, desc=f"{n_mem} members ({strategy})",
-               disable=not progress, leave=False)
-    batch_spec, val_spec = P("member", "batch"), P("batch")
-    try:
+        bar = stack.enter_context(tqdm(total=config.max_epochs, initial=epoch, desc=f"{n_mem} members ({strategy})",
+                                       disable=not progress, leave=False))
+        batch_spec, val_spec = P("member", "batch"), P("batch")
         while not stop["done"].all() and epoch < config.max_epochs:
             active = ~stop["done"]
             orders = [np.asarray(jax.random.permutation(jax.random.fold_in(keys[m], epoch), n))
@@ -228,10 +231,6 @@ def fit_ensemble(members: nnx.Module, x_train, y_train, x_val=None, y_val=None, 
                 for m in np.flatnonzero(active):
                     on_epoch(int(m), epoch - 1, histories[m][-1])
         save()
-    finally:
-        bar.close()
-        if ckpt is not None:
-            ckpt.close()
     final = concat_members(bests if has_val else [s.params for s in states])
     nnx.update(members, nnx.state(concat_members(states).module(params=final)))
     members.eval()
