@@ -35,11 +35,11 @@ class _Servicer(pb_grpc.GRPCInferenceServiceServicer):
             return
         got = dict(context.invocation_metadata()).get("authorization", "")
         if not hmac.compare_digest(got.encode(), f"Bearer {self.s.token}".encode()):
-            self.s.metrics.failure(name, 401)
+            self.s.metrics.failure(name if name in self.s.repo.models else "_unknown", 401)
             await context.abort(grpc.StatusCode.UNAUTHENTICATED, "missing or wrong bearer token")
 
     async def _fail(self, context, e: ProtocolError, name: str):
-        self.s.metrics.failure(name, e.status)
+        self.s.metrics.failure(name if name in self.s.repo.models else "_unknown", e.status)
         await context.abort(_CODES.get(e.status, grpc.StatusCode.INVALID_ARGUMENT), str(e))
 
     async def ServerLive(self, request, context):

@@ -39,6 +39,8 @@ def _json_header(body: bytes, header_length: str | None) -> tuple[dict, memoryvi
         raw, rest = body[:n], body[n:]
     try:
         header = json.loads(raw)
+    except RecursionError:
+        raise ProtocolError("the request's JSON is nested too deeply") from None
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise ProtocolError(f"the request's JSON is malformed ({e})"
                             + ("" if header_length else f"; binary tensors need the {HEADER_LENGTH} header")) from None

@@ -75,22 +75,27 @@ class _Server:
         self.batchers: dict[tuple[str, str], Batcher] = {}
         self.ready = False
 
+    def _label(self, request) -> str:
+        """A failure's model label: only loaded names, so random names cannot grow the metrics."""
+        name = request.match_info.get("name", "")
+        return name if name in self.repo.models else ("" if not name else "_unknown")
+
     # -- middleware ---------------------------------------------------------------------------------------------
     @web.middleware
     async def guard(self, request: web.Request, handler):
         if self.token is not None and request.path not in OPEN_PATHS:
             got = request.headers.get("Authorization", "")
             if not hmac.compare_digest(got.encode(), f"Bearer {self.token}".encode()):
-                self.metrics.failure(request.match_info.get("name", ""), 401)
+                self.metrics.failure(self._label(request), 401)
                 return web.json_response({"error": "missing or wrong bearer token"}, status=401,
                                          headers={"WWW-Authenticate": "Bearer"})
         try:
             return await handler(request)
         except ProtocolError as e:
-            self.metrics.failure(request.match_info.get("name", ""), e.status)
+            self.metrics.failure(self._label(request), e.status)
             return _error(e.status, str(e))
         except web.HTTPRequestEntityTooLarge:
-            self.metrics.failure(request.match_info.get("name", ""), 413)
+            self.metrics.failure(self._label(request), 413)
             return _error(413, f"request body over the {self.max_body}-byte cap (--max-body-mb)")
         except web.HTTPException as e:  # aiohttp's own 404/405 for unknown paths and methods
             if e.status >= 400:
@@ -98,7 +103,7 @@ class _Server:
             raise
         except Exception as e:  # noqa: BLE001 - a bug answers 500 and the server keeps serving
             log.exception("request %s %s failed", request.method, request.path)
-            self.metrics.failure(request.match_info.get("name", ""), 500)
+            self.metrics.failure(self._label(request), 500)
             return _error(500, f"internal error: {type(e).__name__}")
 
     # -- health and metadata ------------------------------------------------------------------------------------

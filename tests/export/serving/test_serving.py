@@ -203,6 +203,7 @@ def _bad_requests(tiles):
     yield "no inputs", infer, *js({"inputs": []}), 400
     yield "malformed JSON", infer, b'{"inputs": [', {"Content-Type": "application/json"}, 400
     yield "JSON not an object", infer, b"[1, 2]", {}, 400
+    yield "JSON nested too deeply", infer, b'{"inputs": ' + b"[" * 100_000, {}, 400
     yield "binary without header length", infer, _binary_body(good, one.tobytes())[0], {}, 400
     yield "header length not a number", infer, _binary_body(good, one.tobytes())[0], \
         {"Inference-Header-Content-Length": "ten"}, 400
@@ -240,7 +241,8 @@ def test_every_bad_request_is_4xx_with_an_error_and_the_server_stays_ready(serve
     assert c.is_server_ready() and _infer(c, c6_tiles[:1], outputs=("mean",)).as_numpy("mean").shape == (1, 14)
     text = _get(server, "/metrics")[1].decode()
     assert _metric(text, 'stimage_inference_failures_total{model="her2st",code="400"}') >= 15
-    assert 'stimage_inference_failures_total{model="her2st",code="500"}' not in text
+    assert 'code="500"' not in text
+    assert _metric(text, 'stimage_inference_failures_total{model="_unknown",code="404"}') >= 2  # no label per name
 
 
 def test_fuzzed_requests_never_answer_5xx(server, c6_tiles):
