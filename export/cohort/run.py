@@ -285,8 +285,9 @@ def predict_cohort(model: str, slides_csv, out, *, workers: int = 1, dask: str |
             try:
                 futures = {}
                 with _workers_skip_main():  # a process pool starts its workers at the first submit
-                    for t in todo:
-                        futures[submit({**t, "threads": threads})] = t
+                    for t in todo:  # tiles' progress bar only when slides run here, one at a time
+                        futures[submit({**t, "threads": threads, "progress": progress and n == 1
+                                        and not (dask or dask_local)})] = t
                 bar = tqdm(total=len(todo), desc="slides", unit="slide", disable=not progress)
                 for fut in completed(list(futures)):
                     t = futures[fut]

@@ -71,6 +71,16 @@ def load_predictor(path: str, threads: int | None = None, loader: str | None = N
     return _MODELS[key]
 
 
+def _dask_threads() -> int | None:
+    """On a Dask worker of a remote cluster: this machine's cores / the worker's task threads."""
+    try:
+        from distributed import get_worker
+
+        return max(1, (os.cpu_count() or 1) // max(1, get_worker().state.nthreads))
+    except (ImportError, ValueError, AttributeError):
+        return None
+
+
 def _write_json(path: Path, obj: dict) -> None:
     from data_pipelines.io import atomic_path
 
@@ -93,7 +103,7 @@ def predict_one(task: dict) -> dict:
         from data_pipelines.wsi import open_slide
         from export.runtime.prediction import predict_slide, write_heatmaps
 
-        model = load_predictor(task["model"], task.get("threads"), task.get("loader"))
+        model = load_predictor(task["model"], task.get("threads") or _dask_threads(), task.get("loader"))
         slide = open_slide(task["path"], mpp=task.get("mpp"))
         pred = predict_slide(slide, model, min_coverage=task["min_coverage"], batch_size=task["batch_size"],
                              progress=task.get("progress", False), interval=task["interval"])
@@ -114,4 +124,18 @@ def predict_one(task: dict) -> dict:
     except Exception as e:  # fault isolation: one bad slide never stops the cohort
         res.update(error=one_line(e), seconds=round(time.perf_counter() - t0, 3))
     res["jax_loaded"] = "jax" in sys.modules
+    res["peak_rss_mib"] = _peak_rss_mib()
     return res
+
+
+def _peak_rss_mib() -> float | None:
+    """This process's peak resident memory: VmHWM (per address space, so a spawned worker
+    does not report the parent's peak as getrusage's ru_maxrss would after fork + exec)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return round(int(line.split()[1]) / 1024, 1)
+    except OSError:
+        pass
+    return None
