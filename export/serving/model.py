@@ -90,6 +90,9 @@ class ServedModel:
         """mu, r (N, M, G) → q_lo, q_hi (N, G) float32: the same NumPy as export.predict."""
         from export.runtime.moments import predictive_interval
 
+        if np.isinf(r).all():  # a point-prediction model: the interval is the mean (as build_prediction)
+            mean = mu.mean(1).astype(np.float32)
+            return {"q_lo": mean, "q_hi": mean.copy()}
         lo, hi = predictive_interval(mu.transpose(1, 0, 2), r.transpose(1, 0, 2), INTERVAL)
         return {"q_lo": lo.astype(np.float32), "q_hi": hi.astype(np.float32)}
 

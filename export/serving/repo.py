@@ -78,15 +78,19 @@ def serving_graph(model) -> "onnx.ModelProto":  # noqa: F821
         node.input[:] = [inner.get(i, i) for i in node.input]
     del g.output[:]
     g.initializer.append(numpy_helper.from_array(np.array([0], np.int64), "_member_axis"))
+    g.initializer.append(numpy_helper.from_array(np.array(0.0, np.float32), "_zero"))
     mu, r = inner["mu"], inner["r"]
     nodes = [
         helper.make_node("Transpose", [mu], ["mu"], perm=[1, 0, 2]),
         helper.make_node("Transpose", [r], ["r"], perm=[1, 0, 2]),
         helper.make_node("ReduceMean", [mu, "_member_axis"], ["mean"], keepdims=0),
-        # var_m = mu + mu^2 / r (r = inf: a point prediction, variance mu... of a log1p model is 0 below)
+        # var_m = mu + mu^2 / r; r = inf marks a point prediction (--target log1p): no aleatoric
+        # variance, as export.runtime.prediction.build_prediction says
         helper.make_node("Mul", [mu, mu], ["_mu_sq"]),
         helper.make_node("Div", ["_mu_sq", r], ["_mu_sq_over_r"]),
-        helper.make_node("Add", [mu, "_mu_sq_over_r"], ["_member_var"]),
+        helper.make_node("Add", [mu, "_mu_sq_over_r"], ["_nb_var"]),
+        helper.make_node("IsInf", [r], ["_point"]),
+        helper.make_node("Where", ["_point", "_zero", "_nb_var"], ["_member_var"]),
         helper.make_node("ReduceMean", ["_member_var", "_member_axis"], ["var_aleatoric"], keepdims=0),
         helper.make_node("ReduceMean", [mu, "_member_axis"], ["_mean_keep"], keepdims=1),
         helper.make_node("Sub", [mu, "_mean_keep"], ["_dev"]),
