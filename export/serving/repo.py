@@ -27,7 +27,7 @@ import numpy as np
 
 from data_pipelines.errors import StimageError
 
-__all__ = ["SERVING_FORMAT", "MOMENT_OUTPUTS", "GRAPH_OUTPUTS", "serving_graph", "write_triton_repo",
+__all__ = ["SERVING_FORMAT", "MOMENT_OUTPUTS", "GRAPH_OUTPUTS", "serving_graph", "write_triton_repo", "check_repo_args",
            "config_pbtxt"]
 
 SERVING_FORMAT = "stimage-jax-onnx-serving/1"
@@ -138,22 +138,27 @@ def config_pbtxt(proto, name: str, max_batch_size: int = 64, max_queue_delay_us:
     return "\n".join(lines) + "\n"
 
 
-def write_triton_repo(model, repo: str | os.PathLike, name: str, *, version: int = 1, max_batch_size: int = 64,
-                      overwrite: bool = False) -> Path:
-    """Write ``REPO/NAME/config.pbtxt`` and ``REPO/NAME/VERSION/model.onnx`` from a plain
-    export (path or ModelProto); returns the model's folder."""
+def check_repo_args(name: str, version: int = 1, max_batch_size: int = 64) -> None:
+    """The model's name (a folder and a URL part), version and max batch size, before any write."""
     import re
 
-    import onnx
-
-    from data_pipelines.io import atomic_path
-
-    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}", name or ""):
-        raise StimageError(f"model name {name!r}: use letters, digits, '_', '.', '-' (it is a folder and a URL part)")
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_-]{0,127}", name or "") or name in (".", ".."):
+        raise StimageError(f"model name {name!r}: use letters, digits, '_', '-' (it is a folder and a URL part)")
     if int(version) < 1:
         raise StimageError(f"--version must be a positive integer, got {version}")
     if not 1 <= int(max_batch_size) <= 4096:
         raise StimageError(f"--max-batch-size must be in 1..4096, got {max_batch_size}")
+
+
+def write_triton_repo(model, repo: str | os.PathLike, name: str, *, version: int = 1, max_batch_size: int = 64,
+                      overwrite: bool = False) -> Path:
+    """Write ``REPO/NAME/config.pbtxt`` and ``REPO/NAME/VERSION/model.onnx`` from a plain
+    export (path or ModelProto); returns the model's folder."""
+    import onnx
+
+    from data_pipelines.io import atomic_path
+
+    check_repo_args(name, version, max_batch_size)
     proto = serving_graph(model)
     folder = Path(repo) / name
     onnx_out = folder / str(int(version)) / "model.onnx"

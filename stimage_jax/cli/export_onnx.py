@@ -35,7 +35,9 @@ def run(a) -> None:
     if a.out:
         check_writable(a.out, a.overwrite)
     if a.triton_repo:
-        from export.serving.repo import write_triton_repo  # noqa: F401 - fail on a missing extra before the export
+        from export.serving.repo import check_repo_args
+
+        check_repo_args(a.name, a.version, a.max_batch_size)  # before any folder is made or the export runs
         check_writable(Path(a.triton_repo) / a.name / str(a.version) / "model.onnx", a.overwrite)
     if str(a.model).endswith(".onnx") and Path(a.model).is_file():
         if a.out:

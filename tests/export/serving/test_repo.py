@@ -86,3 +86,17 @@ def test_write_triton_repo_refuses_bad_names_and_overwrites(tmp_path):
     with pytest.raises(StimageError, match="not an ONNX file"):
         (tmp_path / "junk.onnx").write_bytes(b"junk")
         write_triton_repo(tmp_path / "junk.onnx", tmp_path, "m3")
+
+
+def test_cli_checks_the_repository_arguments_before_writing(tmp_path, capsys):
+    from stimage_jax.cli import main
+
+    plain = tmp_path / "m.onnx"
+    onnx.save_model(plain_export(False), plain)
+    assert main(["export-onnx", "--model", str(plain), "--triton-repo", str(tmp_path / "r"), "--name", "../x"]) == 2
+    assert "model name" in capsys.readouterr().err and not (tmp_path / "r").exists() and not (tmp_path / "x").exists()
+    assert main(["export-onnx", "--model", str(plain), "--triton-repo", str(tmp_path / "r"), "--name", "ok",
+                 "--max-batch-size", "16"]) == 0  # an exported .onnx needs no JAX export
+    assert "max_batch_size: 16" in (tmp_path / "r" / "ok" / "config.pbtxt").read_text()
+    assert main(["export-onnx", "--model", str(plain)]) == 2
+    assert "--triton-repo" in capsys.readouterr().err
