@@ -82,9 +82,12 @@ def model_digest(path) -> str:
     """sha256 of a model file, or of a model folder's files (relative names and contents)."""
     from data_pipelines.fingerprint import file_digest
 
+    from export.runtime.predictor import resolve_model_dir
+
     p = Path(path)
     if p.is_file():
         return file_digest(p)
+    p = resolve_model_dir(p)  # a workdir's model/ folder: checkpoints and caches are not the model
     if not p.is_dir():
         raise StimageError(f"model {p} not found")
     h = hashlib.sha256()

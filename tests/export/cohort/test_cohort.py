@@ -168,3 +168,18 @@ def test_bad_input_is_one_line_before_any_work(case, cohort_inputs, tmp_path, ca
     assert {"header": "slide_id,path", "duplicate": "listed twice", "gene": "NOPE",
             "model": "not an ONNX model"}[case] in err
     assert not (tmp_path / "o" / "manifest.csv").exists()
+
+
+def test_a_jax_workdir_model_runs_through_the_same_path(synthetic_study, make_slide, tmp_path, capsys):
+    """`stimage cohort predict` with a training workdir: the JAX loader, named in the task."""
+    wd = tmp_path / "wd"
+    assert main(["train", "--quiet", "--data", *map(str, synthetic_study[:2]), "--workdir", str(wd),
+                 "--backbone", "tiny", "--tile-px", "32", "--members", "2", "--max-epochs", "1",
+                 "--genes", "A,B"]) == 0
+    make_slide(tmp_path / "a.tif", mpp=1.0)
+    (tmp_path / "s.csv").write_text("slide_id,path\na,a.tif\n")
+    assert main(["cohort", "predict", "--quiet", "--model", str(wd), "--slides", str(tmp_path / "s.csv"),
+                 "--out", str(tmp_path / "o")]) == 0
+    c = ad.read_h5ad(tmp_path / "o" / "cohort.h5ad")
+    assert list(c.var_names) == ["A", "B"] and c.obs.loc["a", "n_tiles"] > 20
+    assert c.uns["stimage"]["cohort"]["model_hash"] == c.obs.loc["a", "model_hash"]
