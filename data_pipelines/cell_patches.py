@@ -122,7 +122,18 @@ def read_instances(path: str | os.PathLike, shape: tuple[int, ...] | None = None
         except Exception as e:
             raise StimageError(f"instance map {path} is not a readable .npy ({type(e).__name__})") from None
     else:
-        lab = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
+        from data_pipelines.io import quiet_stderr
+        from data_pipelines.slides.common import image_header, max_image_pixels
+
+        w, h, _ = image_header(path)  # refuse a header claiming more pixels than the cap before decoding
+        if w * h > max_image_pixels():
+            raise StimageError(f"instance map {path} claims {w}×{h} px, more than the {max_image_pixels()} px "
+                               "an image may have (STIMAGE_MAX_IMAGE_PIXELS)")
+        try:
+            with quiet_stderr():
+                lab = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
+        except cv2.error:
+            lab = None
         if lab is None:
             raise StimageError(f"instance map {path} is unreadable")
     if lab.ndim != 2:
@@ -132,6 +143,8 @@ def read_instances(path: str | os.PathLike, shape: tuple[int, ...] | None = None
         raise StimageError(f"instance map {path} holds non-integer values ({lab.dtype})")
     if lab.size and lab.min() < 0:
         raise StimageError(f"instance map {path} has negative ids")
+    if lab.size and lab.max() > np.iinfo(np.int32).max:  # int32 below would wrap them into other ids
+        raise StimageError(f"instance map {path} has ids above {np.iinfo(np.int32).max}")
     if shape is not None and tuple(lab.shape) != tuple(shape[:2]):
         raise StimageError(f"instance map {path} is {lab.shape[1]}×{lab.shape[0]} px but the image is "
                            f"{shape[1]}×{shape[0]}")

@@ -20,7 +20,7 @@ from pathlib import Path
 
 from data_pipelines.errors import StimageError
 
-__all__ = ["atomic_path", "atomic_dir", "check_writable", "check_distinct", "write_h5ad", "workdir_lock",
+__all__ = ["quiet_stderr", "atomic_path", "atomic_dir", "check_writable", "check_distinct", "write_h5ad", "workdir_lock",
            "file_mode", "dir_mode", "LOCK_NAME"]
 
 LOCK_NAME = ".lock"  # workdir_lock's file inside the workdir
@@ -178,3 +178,26 @@ def workdir_lock(workdir: str | os.PathLike) -> Iterator[Path]:
         yield workdir
     finally:
         os.close(fd)  # releases the flock
+
+
+@contextlib.contextmanager
+def quiet_stderr() -> Iterator[None]:
+    """Silence file descriptor 2 while a C library decodes a file: libpng and libtiff print
+    their own complaints ("libpng error: IDAT: incorrect data check") straight to stderr,
+    besides the one error line we print for the same failure."""
+    import sys
+
+    try:
+        sys.stderr.flush()
+        saved = os.dup(2)
+    except (OSError, ValueError):  # no real fd 2 (embedded interpreters): nothing to silence
+        yield
+        return
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, 2)
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+        os.close(devnull)

@@ -60,6 +60,8 @@ def read_monuseg_polygons(path: str | os.PathLike) -> list[np.ndarray]:
             raise StimageError(f"annotation {path}: Region {i + 1} has a Vertex without numeric X and Y") from None
         if not xy:
             raise StimageError(f"annotation {path}: Region {i + 1} has no Vertex")
+        if not np.all(np.isfinite(xy)):
+            raise StimageError(f"annotation {path}: Region {i + 1} has a Vertex that is not a finite number")
         polys.append(np.asarray(xy, np.float64).reshape(-1, 2))
     if not polys:
         raise StimageError(f"annotation {path} holds no <Region> polygons (not a MoNuSeg/ImageScope XML?)")

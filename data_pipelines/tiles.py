@@ -45,6 +45,8 @@ from data_pipelines.errors import StimageError
 from data_pipelines.slides.common import (IMAGE_SCALE, LIBRARY_ID, PIXELS_ENV, TIFF_SUFFIXES, image_header,
                                           max_image_pixels)
 
+MAX_CROP_PX = 32768  # a tile side in image pixels beyond which the geometry is wrong, not the tile
+
 __all__ = ["spot_tiles", "tile_geometry", "crop_tile", "load_image", "lowres_view", "sample_image_path", "stain_tag",
            "composite_on_white", "PAD_VALUE"]
 
@@ -105,7 +107,11 @@ def _sample_geometry(adata, lib: str, tile_um: float, tile_px: int, single: bool
                              f"sample {lib}: image_scale")
     if not (np.isfinite(mpp) and mpp > 0 and np.isfinite(scale) and scale > 0):
         raise StimageError(f"sample {lib}: mpp ({mpp}) and image_scale ({scale}) must be positive")
-    return {"mpp": mpp, "image_scale": scale, "crop_px": tile_um / mpp * scale}
+    crop_px = tile_um / mpp * scale
+    if not 1.0 <= crop_px <= MAX_CROP_PX:  # e.g. mpp 1e-9: a tile would be 10^11 px wide
+        raise StimageError(f"sample {lib}: a {tile_um:g} µm tile at {mpp:g} µm/px (image scale {scale:g}) is "
+                           f"{crop_px:.3g} px wide; check the sample's mpp (tiles must be 1 to {MAX_CROP_PX} px)")
+    return {"mpp": mpp, "image_scale": scale, "crop_px": crop_px}
 
 
 def tile_geometry(adata, tile_um: float | None = None, tile_px: int = 299) -> dict:
@@ -204,8 +210,11 @@ def load_image(path: str | os.PathLike) -> np.ndarray:
             slide = None  # e.g. a codec tifffile lacks: OpenCV below, its colours premultiplied
         if slide is not None:
             return slide.region(0, 0, slide.width, slide.height)
+    from data_pipelines.io import quiet_stderr
+
     try:
-        img = cv2.imread(str(path), cv2.IMREAD_UNCHANGED if alpha else cv2.IMREAD_COLOR)
+        with quiet_stderr():
+            img = cv2.imread(str(path), cv2.IMREAD_UNCHANGED if alpha else cv2.IMREAD_COLOR)
     except cv2.error as e:  # OpenCV >= 5 raises instead of returning None on its own size limit
         msg = str(e).strip().splitlines()[-1][:120] if str(e).strip() else ""
         raise StimageError(f"image {path} could not be decoded by OpenCV ({msg})") from None

@@ -32,6 +32,7 @@ import pandas as pd
 
 from data_pipelines import keys
 from data_pipelines.errors import StimageError
+from data_pipelines.io import quiet_stderr
 from data_pipelines.tiles import load_image, sample_image_path, tile_geometry
 
 __all__ = ["TISSUE_COVERAGE", "DEFAULT_MIN_COVERAGE", "tissue_mask", "square_coverage",
@@ -216,7 +217,8 @@ def _load_lowres(path: str, max_side: int) -> tuple[np.ndarray, tuple[float, flo
         r = max((f for f in _REDUCED if max(W, H) / f >= max_side), default=1)
         if r > 1:
             try:
-                bgr = cv2.imread(str(path), _REDUCED[r])
+                with quiet_stderr():
+                    bgr = cv2.imread(str(path), _REDUCED[r])
             except cv2.error:  # OpenCV's own size limit: load_image below says it clearly
                 bgr = None
             if bgr is not None and bgr.shape[:2] == (-(-H // r), -(-W // r)):

@@ -14,9 +14,8 @@ from __future__ import annotations
 import argparse
 import sys
 
-from data_pipelines.errors import StimageError
 from export.runtime.onnx_model import ONNX_FORMAT, OnnxEnsemble
-from export.runtime.options import add_prediction_options
+from export.runtime.options import OneLineParser, add_prediction_options, quiet_logs, run_command
 
 __all__ = ["OnnxEnsemble", "ONNX_FORMAT", "main", "run"]
 
@@ -52,7 +51,7 @@ def run(model, a) -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="python -m export.predict", description=__doc__.splitlines()[0])
+    ap = OneLineParser(prog="python -m export.predict", description=__doc__.splitlines()[0])
     ap.add_argument("--model", required=True, help="exported .onnx file")
     add_prediction_options(ap)
     ap.add_argument("--quiet", action="store_true")
@@ -60,13 +59,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    a = build_parser().parse_args(argv)
     try:
-        print(run(OnnxEnsemble(a.model), a))
-    except StimageError as e:
-        print(f"stimage: error: {e}", file=sys.stderr)
-        return 2
-    return 0
+        a = build_parser().parse_args(argv)
+    except SystemExit as e:  # argparse printed its one line (or --help)
+        return e.code if isinstance(e.code, int) else 0
+    quiet_logs(a.quiet)
+    return run_command(lambda args: print(run(OnnxEnsemble(args.model), args)), a, quiet=a.quiet)
 
 
 if __name__ == "__main__":

@@ -72,16 +72,10 @@ def uncertainty_plot_path(out: str | os.PathLike, gene: str) -> Path:
 def read_prediction(path: str | os.PathLike):
     """Read a prediction .h5ad (predicted means in X); one StimageError line when it is
     missing, unreadable or has no X."""
-    import anndata as ad
+    from data_pipelines.slides.h5ad import read_anndata
 
     path = Path(path)
-    if not path.is_file():
-        raise StimageError(f"prediction file {path} not found")
-    try:
-        pred = ad.read_h5ad(path)
-    except Exception as e:  # h5py/anndata raise many types on a corrupt file
-        first = str(e).splitlines()[0][:120] if str(e) else ""
-        raise StimageError(f"prediction file {path} is not a readable .h5ad ({type(e).__name__}: {first})") from None
+    pred = read_anndata(path, "prediction file")
     if pred.X is None or pred.n_obs == 0 or pred.n_vars == 0:
         raise StimageError(f"prediction file {path} holds no predicted means "
                            f"({pred.n_obs} spots x {pred.n_vars} genes{', no X' if pred.X is None else ''})")

@@ -13,7 +13,48 @@ from data_pipelines import keys
 from data_pipelines.errors import StimageError
 from data_pipelines.slides.common import IMAGE_SCALE, LIBRARY_ID, as_count_matrix
 
-__all__ = ["read_h5ad", "validate_counts", "validate_geometry"]
+__all__ = ["read_h5ad", "validate_counts", "validate_geometry", "check_hdf5_readable", "read_anndata"]
+
+# A damaged HDF5 file can make the HDF5 library loop forever inside one C call (reading
+# an object's attributes), where no signal or exception reaches it. Its metadata is
+# therefore first walked in a child process with a time limit: a healthy file's walk takes
+# milliseconds (metadata only), a looping one is killed and reported.
+_H5_WALK = """
+import sys, h5py
+with h5py.File(sys.argv[1], "r") as f:
+    dict(f.attrs)
+    f.visititems(lambda name, obj: dict(obj.attrs))
+"""
+
+
+def check_hdf5_readable(path: str | Path, seconds: float | None = None) -> None:
+    """Refuse an HDF5 file whose metadata cannot be walked within ``seconds``
+    (``$STIMAGE_HDF5_CHECK_SECONDS``, default 20) in a child process."""
+    import os
+    import subprocess
+    import sys
+
+    seconds = float(os.environ.get("STIMAGE_HDF5_CHECK_SECONDS", 20)) if seconds is None else seconds
+    try:
+        proc = subprocess.run([sys.executable, "-c", _H5_WALK, str(path)], capture_output=True, timeout=seconds)
+    except subprocess.TimeoutExpired:
+        raise StimageError(f"{path} is corrupt: its HDF5 metadata could not be read within {seconds:g} s") from None
+    if proc.returncode != 0:
+        last = proc.stderr.decode(errors="replace").strip().splitlines()
+        raise StimageError(f"{path} is not a readable HDF5 file ({last[-1][:160] if last else 'unreadable'})")
+
+
+def read_anndata(path: str | Path, what: str = "data file") -> ad.AnnData:
+    """``anndata.read_h5ad`` behind :func:`check_hdf5_readable`, any failure one StimageError line."""
+    path = Path(path)
+    if not path.is_file():
+        raise StimageError(f"{what} {path} not found")
+    check_hdf5_readable(path)
+    try:
+        return ad.read_h5ad(path)
+    except Exception as e:  # h5py/anndata raise many types on a corrupt file
+        first = str(e).splitlines()[0][:120] if str(e) else ""
+        raise StimageError(f"{what} {path} is not a readable .h5ad ({type(e).__name__}: {first})") from None
 
 
 def validate_counts(adata: ad.AnnData, where: str = "data") -> ad.AnnData:
@@ -84,11 +125,5 @@ def validate_geometry(adata: ad.AnnData, where: str = "data") -> ad.AnnData:
 def read_h5ad(path: str | Path) -> ad.AnnData:
     """Read an .h5ad of raw counts; one clear error if missing, unreadable, not counts, or
     with malformed spot coordinates or geometry (:func:`validate_geometry`)."""
-    path = Path(path)
-    if not path.is_file():
-        raise StimageError(f"data file {path} not found")
-    try:
-        adata = ad.read_h5ad(path)
-    except Exception as e:
-        raise StimageError(f"{path} is not a readable .h5ad ({type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else ''})") from None
+    adata = read_anndata(path)
     return validate_geometry(validate_counts(adata, str(path)), str(path))

@@ -103,7 +103,7 @@ def _h5_library_id(path: Path) -> str | None:
     try:
         with h5py.File(path, "r") as f:
             ids = np.atleast_1d(f.attrs.get("library_ids", []))
-    except (OSError, ValueError, TypeError):
+    except (OSError, ValueError, TypeError, KeyError):  # h5py raises KeyError on a damaged object header
         return None
     ids = [v.decode() if isinstance(v, bytes) else str(v) for v in ids]
     ids = [v.strip() for v in ids if v.strip()]

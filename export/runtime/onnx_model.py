@@ -10,6 +10,7 @@ one line naming what is wrong instead of a traceback at the first batch.
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import numpy as np
@@ -22,6 +23,8 @@ __all__ = ["OnnxEnsemble", "ONNX_FORMAT", "PREFERRED_PROVIDERS", "REQUIRED_METAD
 ONNX_FORMAT = "stimage-jax-onnx/1"
 PREFERRED_PROVIDERS = ("TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider")
 REQUIRED_METADATA = ("format", "genes", "tile_um", "tile_px", "provenance")
+MAX_TILE_PX = 8192      # a network input side beyond any backbone here
+MAX_TILE_UM = 10_000.0  # 1 cm: no spot or tile is larger
 
 
 def _json(meta: dict, key: str, path: Path, default=None):
@@ -34,14 +37,16 @@ def _json(meta: dict, key: str, path: Path, default=None):
             from None
 
 
-def _number(meta: dict, key: str, path: Path, kind):
+def _number(meta: dict, key: str, path: Path, kind, upper: float):
+    """A positive metadata number no larger than ``upper`` (a bound on plausible geometry)."""
     try:
         v = kind(meta[key])
-    except (TypeError, ValueError):
+        ok = math.isfinite(float(v)) and 0 < v <= upper
+    except (TypeError, ValueError, OverflowError):
         raise StimageError(f"{path}: metadata {key!r} = {meta[key]!r} is not a{'n integer' if kind is int else ' number'}") \
             from None
-    if not np.isfinite(v) or v <= 0:
-        raise StimageError(f"{path}: metadata {key!r} = {meta[key]!r} must be positive")
+    if not ok:
+        raise StimageError(f"{path}: metadata {key!r} = {meta[key]!r} must be positive and at most {upper:g}")
     return v
 
 
@@ -88,8 +93,8 @@ class OnnxEnsemble:
         if len(set(genes)) != len(genes):
             raise StimageError(f"{path}: metadata 'genes' lists a gene twice")
         self.genes = genes
-        self.tile_px = int(_number(meta, "tile_px", path, int))
-        self.tile_um = float(_number(meta, "tile_um", path, float))
+        self.tile_px = int(_number(meta, "tile_px", path, int, MAX_TILE_PX))
+        self.tile_um = float(_number(meta, "tile_um", path, float, MAX_TILE_UM))
         prov = _json(meta, "provenance", path)
         if not isinstance(prov, dict):
             raise StimageError(f"{path}: metadata 'provenance' must be a JSON object")

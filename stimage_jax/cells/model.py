@@ -81,10 +81,15 @@ class CellModel:
                                "train one with `stimage cells train --workdir ...`")
         try:
             cfg = json.loads(meta.read_text())
-        except json.JSONDecodeError as e:
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise StimageError(f"{meta} is corrupt: {e}") from None
-        if cfg.get("format") != MODEL_FORMAT:
-            raise StimageError(f"{meta} has format {cfg.get('format')!r}, expected {MODEL_FORMAT!r}")
+        if not isinstance(cfg, dict) or cfg.get("format") != MODEL_FORMAT:
+            raise StimageError(f"{meta} has format {cfg.get('format') if isinstance(cfg, dict) else None!r}, "
+                               f"expected {MODEL_FORMAT!r}")
+        nt = cfg.get("num_types")
+        if cfg.get("backbone") not in PRESETS or not (isinstance(nt, int) and not isinstance(nt, bool) and 0 <= nt <= 64):
+            raise StimageError(f"{meta} is corrupt: 'backbone' must be one of {', '.join(PRESETS)} and 'num_types' "
+                               "a small whole number; retrain or restore the file")
         # Built abstractly and filled from the checkpoint: random initialisation would cost
         # seconds of compilation only to be overwritten.
         net = nnx.eval_shape(lambda: PRESETS[cfg["backbone"]](rngs=nnx.Rngs(0), weights=None,

@@ -68,21 +68,33 @@ def write_cell_prediction(model, rgb: np.ndarray, out, *, overwrite: bool = Fals
 
 
 def _pred_types(path: Path, n: int) -> np.ndarray | None:
-    """Types of instances 1..n from a predict table (None when it has no type column)."""
+    """Types of instances 1..n from a predict table (None when it has no type column); ids and
+    types must be whole numbers (ids 1..n, types >= 0), one row per id."""
     import pandas as pd
 
     try:
         df = pd.read_csv(path)
-    except Exception as e:
+    except Exception as e:  # pandas raises many kinds for a bad CSV
         raise StimageError(f"prediction table {path} is not a readable CSV ({type(e).__name__})") from None
     if "type" not in df.columns:
         return None
     if "id" not in df.columns:
         raise StimageError(f"prediction table {path} lacks the id column")
+
+    def whole(col: str) -> np.ndarray:
+        v = pd.to_numeric(df[col], errors="coerce").to_numpy(np.float64)
+        if not np.all(np.isfinite(v)) or np.any(v != np.round(v)) or np.any(np.abs(v) > 2**31 - 1):
+            raise StimageError(f"prediction table {path}: column {col!r} must hold whole numbers")
+        return v.astype(np.int64)
+
+    ids, kinds = whole("id"), whole("type")
+    if np.any(kinds < 0):
+        raise StimageError(f"prediction table {path}: types must be 0 or more")
+    if len(np.unique(ids)) != len(ids):
+        raise StimageError(f"prediction table {path}: an id appears twice")
     types = np.full(n, -1, np.int64)
-    ids = df["id"].to_numpy(np.int64)
     ok = (ids >= 1) & (ids <= n)
-    types[ids[ok] - 1] = df["type"].to_numpy(np.int64)[ok]
+    types[ids[ok] - 1] = kinds[ok]
     return types
 
 

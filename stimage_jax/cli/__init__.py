@@ -8,11 +8,9 @@ written atomically and never overwrite an existing file without ``--overwrite``.
 
 from __future__ import annotations
 
-import argparse
-import logging
 import sys
 
-from data_pipelines.errors import StimageError
+from export.runtime.options import OneLineParser, quiet_logs, run_command
 from stimage_jax.cli import (benchmark, cells, clinical, cohort, evaluate, explain, export_onnx, latent, predict,
                              quickstart, read, segment_nuclei, serve, train)
 from stimage_jax.cli.common import common_parent
@@ -24,17 +22,10 @@ COMMANDS = (read, train, predict, export_onnx, evaluate, explain, latent, segmen
             quickstart, serve, cohort, clinical)
 
 
-class _Parser(argparse.ArgumentParser):
-    """argparse with the project's one-line error format (``stimage: error: ...``, exit 2)."""
-
-    def error(self, message: str):
-        self.exit(2, f"stimage: error: {message.splitlines()[0]}\n")
-
-
-def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="stimage", description="Spatial gene expression from H&E with calibrated uncertainty.")
+def build_parser() -> OneLineParser:
+    p = OneLineParser(prog="stimage", description="Spatial gene expression from H&E with calibrated uncertainty.")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
-    sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    sub = p.add_subparsers(dest="command", required=True, parser_class=OneLineParser)
     parents = (common_parent(),)
     for module in COMMANDS:
         module.add_parser(sub, parents)
@@ -46,18 +37,8 @@ def main(argv: list[str] | None = None) -> int:
         args = build_parser().parse_args(argv)
     except SystemExit as e:  # argparse printed its one line (or --help); hand back the status
         return e.code if isinstance(e.code, int) else 0
-    logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, format="%(levelname)s %(message)s")
-    for noisy in ("absl", "jax", "orbax"):
-        logging.getLogger(noisy).setLevel(logging.ERROR)
-    try:
-        code = args.func(args)  # a command returns a non-zero code only when it printed why
-    except StimageError as e:
-        print(f"stimage: error: {str(e).splitlines()[0] if str(e) else 'bad input'}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("stimage: interrupted (rerun the same command to resume)", file=sys.stderr)
-        return 130
-    return code or 0
+    quiet_logs(args.quiet)
+    return run_command(args.func, args, quiet=args.quiet)
 
 
 if __name__ == "__main__":

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from data_pipelines.errors import StimageError
-from stimage_jax.cli.common import positive_int
+from stimage_jax.cli.common import positive_int, quiet
 
 
 def add_parser(sub, parents) -> None:
@@ -34,6 +34,9 @@ def run(a) -> None:
         raise StimageError("--data needs --spot ID (an obs name)")
     if is_onnx(a.model) and a.method != "lime":
         raise StimageError("saliency needs gradients: give the training workdir, not the .onnx file")
+    from data_pipelines.io import check_writable
+
+    check_writable(Path(a.out) / ".stimage-explain", overwrite=True)  # the folder can be made, before any work
     model = load_model(a.model)  # LIME is forward passes only: an .onnx runs them fastest on CPU
     if a.gene not in model.genes:
         raise StimageError(f"gene {a.gene!r} is not predicted by this model ({', '.join(model.genes[:5])}, ...)")
@@ -47,6 +50,7 @@ def run(a) -> None:
     else:
         from stimage_jax.explain.lime_nuclei import explain_lime
 
-        res = explain_lime(model, tile, a.gene, a.out, name=name, seed=a.seed, num_samples=a.samples or 1000)
+        res = explain_lime(model, tile, a.gene, a.out, name=name, seed=a.seed, num_samples=a.samples or 1000,
+                           progress=not quiet(a))
         print(f"LIME over {res['n_nuclei']} nuclei for {a.gene} (predicted {res['value']:.3f}): "
               f"{res['note']}-> {res['png']}, {res['csv']}")

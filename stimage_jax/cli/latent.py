@@ -21,6 +21,10 @@ def run(a) -> None:
     from stimage_jax.explain.spot import latent_figure
     from stimage_jax.models import load_model
 
+    from data_pipelines.errors import StimageError
+
+    if not csv(a.genes):
+        raise StimageError("--genes is empty: name one or more genes to colour the latent space by")
     check_writable(a.out, a.overwrite)
     check_distinct(a.out, a.data)
     model = load_model(a.model)

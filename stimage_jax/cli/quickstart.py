@@ -33,6 +33,8 @@ def run(a) -> None:
     root, wd, sections = Path(a.shared) / "data" / "her2st", Path(a.workdir), csv(a.sections)
     if a.test_section not in sections:
         raise StimageError(f"--test-section {a.test_section} is not among --sections {a.sections}")
+    if len(sections) < 3:  # two to train (the last for early stopping) and one to test
+        raise StimageError(f"--sections needs at least 3 sections (got {', '.join(sections) or 'none'})")
     paths = {}
     for s in sections:
         p = wd / "data" / f"{s}.h5ad"

@@ -117,6 +117,36 @@ def _upgrade(cfg: dict) -> dict:
     return cfg
 
 
+def _check_config(cfg: dict, meta: Path) -> None:
+    """The fields of model.json that loading and predicting rely on, with their types."""
+    def bad(what):
+        raise StimageError(f"{meta} is corrupt: {what}; retrain or restore the file")
+
+    genes = cfg.get("genes")
+    if not isinstance(genes, list) or not genes or not all(isinstance(g, str) and g for g in genes):
+        bad("'genes' must be a non-empty list of gene names")
+    if len(set(genes)) != len(genes):
+        bad("'genes' lists a gene twice")
+    sources = cfg.get("sources")
+    if not isinstance(sources, list) or not sources or not all(
+            isinstance(x, dict) and isinstance(x.get("name"), str) and x.get("kind") in ("backbone", "embeddings")
+            and isinstance(x.get("num_features"), int) for x in sources):
+        bad("'sources' must list feature sources (name, kind, num_features)")
+    names = {x["name"] for x in sources}
+    ms = cfg.get("member_sources")
+    if not isinstance(ms, list) or not ms or not all(m in names for m in ms) or cfg.get("members") != len(ms):
+        bad("'member_sources' must name a source per member ('members' of them)")
+    if not isinstance(cfg.get("head"), dict) or not isinstance(cfg.get("train"), dict) \
+            or cfg["train"].get("loss") not in ("nb", "mse_log1p"):
+        bad("'head' and 'train' (with its loss) are missing")
+    if not isinstance(cfg.get("fine_tune"), bool):
+        bad("'fine_tune' must be true or false")
+    tile_px, tile_um = cfg.get("tile_px"), cfg.get("tile_um")
+    if any(x["kind"] == "backbone" for x in sources) and not (
+            isinstance(tile_px, int) and 8 <= tile_px <= 8192 and isinstance(tile_um, (int, float)) and 0 < tile_um):
+        bad("'tile_px' and 'tile_um' must be a tile size in px (8-8192) and µm")
+
+
 def _stack(states):
     return jax.tree.map(lambda *xs: np.stack([np.asarray(x) for x in xs]), *states)
 
@@ -242,20 +272,31 @@ class EnsembleModel:
             raise StimageError(f"{model_dir} is not a trained model (no model.json); "
                                "train one with `stimage train --workdir ...`")
         try:
-            cfg = _upgrade(json.loads(meta.read_text()))
-        except json.JSONDecodeError as e:
+            raw = json.loads(meta.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise StimageError(f"{meta} is corrupt: {e}") from None
+        if not isinstance(raw, dict):
+            raise StimageError(f"{meta} is corrupt: not a JSON object")
+        cfg = _upgrade(raw)
         if cfg.get("format") != MODEL_FORMAT:
             raise StimageError(f"{meta} has format {cfg.get('format')!r}, expected {MODEL_FORMAT!r}")
+        _check_config(cfg, meta)
         v1 = cfg.pop("_v1_layout", False)
         ckptr = ocp.StandardCheckpointer()
 
         def restore(path, target):
             try:
-                return ckptr.restore(path.absolute(), target)
+                got = ckptr.restore(path.absolute(), target)
             except Exception as e:
                 raise StimageError(f"model checkpoint {path} is missing or corrupt "
                                    f"({type(e).__name__}); retrain or restore the folder") from None
+            # Orbax hands back the stored shapes even when they differ from the target's:
+            # model.json (genes, features, members) and the arrays must agree.
+            if jax.tree.structure(got) != jax.tree.structure(target) or any(
+                    np.shape(a) != tuple(t.shape) for a, t in zip(jax.tree.leaves(got), jax.tree.leaves(target))):
+                raise StimageError(f"model checkpoint {path} does not match {meta.name} (its genes, features or "
+                                   "members differ); retrain or restore the folder")
+            return got
 
         # Modules are built abstractly (nnx.eval_shape) and filled from the checkpoint:
         # random initialisation cost ~11 s of XLA compilation per load on 2 CPU cores

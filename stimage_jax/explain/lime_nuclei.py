@@ -21,7 +21,7 @@ __all__ = ["lime_weights", "explain_lime"]
 
 
 def lime_weights(fn, tile: np.ndarray, segments: np.ndarray, *, num_samples: int = 1000, seed: int = 0,
-                 batch_size: int = 50) -> tuple[dict[int, float], float, float]:
+                 batch_size: int = 50, progress: bool = True) -> tuple[dict[int, float], float, float]:
     """fn: float tiles (B, H, W, 3) → (B,) outputs; segments: (H, W) int labels 0..S-1.
 
     Returns ({segment: weight}, the local model's intercept, its R² score).
@@ -41,10 +41,18 @@ def lime_weights(fn, tile: np.ndarray, segments: np.ndarray, *, num_samples: int
     explainer = lime_image.LimeImageExplainer(random_state=seed)
     # uint8 in, uint8 perturbations out (hidden segments get their mean colour, rounded as a
     # tile file would store it): 8x less memory traffic than lime's float64 copies.
-    exp = explainer.explain_instance(np.asarray(tile, np.uint8), classifier_fn, labels=(0,), top_labels=None,
-                                     hide_color=None, num_features=int(segments.max()) + 1,
-                                     num_samples=num_samples, batch_size=batch_size,
-                                     segmentation_fn=lambda _img: segments, random_seed=seed)
+    import functools
+
+    saved = lime_image.tqdm  # lime 0.2 draws its own tqdm bar and has no switch for it
+    if not progress:
+        lime_image.tqdm = functools.partial(saved, disable=True)
+    try:
+        exp = explainer.explain_instance(np.asarray(tile, np.uint8), classifier_fn, labels=(0,), top_labels=None,
+                                         hide_color=None, num_features=int(segments.max()) + 1,
+                                         num_samples=num_samples, batch_size=batch_size,
+                                         segmentation_fn=lambda _img: segments, random_seed=seed)
+    finally:
+        lime_image.tqdm = saved
     return dict(exp.local_exp[0]), float(exp.intercept[0]), float(exp.score)
 
 
@@ -74,7 +82,7 @@ def _overlay(tile, instances, weights_by_id, path, title):
 
 
 def explain_lime(model, tile: np.ndarray, gene: str, out_dir: str | os.PathLike, *, name: str, seed: int = 0,
-                 num_samples: int = 1000, batch_size: int = 50) -> dict:
+                 num_samples: int = 1000, batch_size: int = 50, progress: bool = True) -> dict:
     """Segment, explain, write ``<name>_<gene>_lime.csv`` (one row per nucleus: id, area
     in px and µm², centroid x/y px, LIME weight) and ``<name>_<gene>_lime.png``."""
     import pandas as pd
@@ -99,7 +107,7 @@ def explain_lime(model, tile: np.ndarray, gene: str, out_dir: str | os.PathLike,
     note = ""
     if len(ids) == 0:
         note = "no nuclei found: the background alone is explained; "
-    weights, intercept, score = lime_weights(fn, tile, segments, num_samples=num_samples, seed=seed,
+    weights, intercept, score = lime_weights(fn, tile, segments, num_samples=num_samples, seed=seed, progress=progress,
                                              batch_size=batch_size)
     rows = []
     props = {p.label: p for p in regionprops(instances)}

@@ -58,6 +58,8 @@ def _with_meta(src, dst, **changes):
     (dict(tile_px="64"), "metadata says tile_px 64"),
     (dict(tile_px="big"), "'tile_px' = 'big' is not an integer"),
     (dict(tile_um="-5"), "'tile_um' = '-5' must be positive"),
+    (dict(tile_um="1e30"), "'tile_um' = '1e30' must be positive and at most 10000"),
+    (dict(tile_px="99999999999999999999"), "'tile_px' = '99999999999999999999' must be positive and at most 8192"),
     (dict(provenance="{"), "'provenance' is not valid JSON"),
     (dict(members="7"), "the graph has 2 members but the metadata says 7"),
     (dict(format="other/1"), "is not a stimage model"),
