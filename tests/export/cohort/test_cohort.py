@@ -183,3 +183,31 @@ def test_a_jax_workdir_model_runs_through_the_same_path(synthetic_study, make_sl
     c = ad.read_h5ad(tmp_path / "o" / "cohort.h5ad")
     assert list(c.var_names) == ["A", "B"] and c.obs.loc["a", "n_tiles"] > 20
     assert c.uns["stimage"]["cohort"]["model_hash"] == c.obs.loc["a", "model_hash"]
+
+
+def test_dask_address_of_a_running_cluster(local_run, cohort_inputs, tmp_path):
+    """--dask ADDRESS: the same tasks on a cluster someone else started."""
+    from distributed import LocalCluster
+
+    from export.cohort import predict_cohort
+
+    _, ref = local_run
+    with LocalCluster(n_workers=1, threads_per_worker=1, processes=True, dashboard_address=None) as cluster:
+        r = predict_cohort(str(cohort_inputs["model"]), cohort_inputs["good_csv"], tmp_path / "remote",
+                           dask=cluster.scheduler_address, genes=["ERBB2"], progress=False)
+    assert (r["ok"], r["failed"]) == (4, 0)
+    np.testing.assert_array_equal(ad.read_h5ad(ref / "cohort.h5ad").X, ad.read_h5ad(tmp_path / "remote" / "cohort.h5ad").X)
+
+
+def test_cohort_h5ad_feeds_clinical_bulk(local_run, tmp_path, capsys):
+    _, ref = local_run
+    c = ad.read_h5ad(ref / "cohort.h5ad")
+    counts = np.round(np.asarray(c.X, np.float64) * 1000).astype(int)
+    import pandas as pd
+
+    pd.DataFrame(counts, index=c.obs_names, columns=c.var_names).to_csv(tmp_path / "bulk.csv")
+    assert main(["clinical", "bulk", "--pred", str(ref / "cohort.h5ad"), "--bulk", str(tmp_path / "bulk.csv"),
+                 "--out", str(tmp_path / "b")]) == 0
+    s = pd.read_csv(tmp_path / "b" / "bulk_samples.csv")
+    assert list(s["sample"]) == list(c.obs_names) and (s["pcc"] > 0.9).all()
+    assert '"pred_transform": "log"' in capsys.readouterr().out  # auto: log1p for predictions, CPM for counts
