@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import gzip
 import json
+import re
 import shutil
 from collections.abc import Callable
 from pathlib import Path
@@ -1136,6 +1137,133 @@ def fam_cell_model_json(world: World, d: Path, draw: Draw) -> Case:
                  f"model/ with only model.json (no params/): {how}")
 
 
+# --- clinical tables and cohort slide tables ---------------------------------------------------------------
+
+def _table_edit(draw: Draw, text: str, numeric_cols: list[str]) -> tuple[str, str, bool]:
+    """A content defect in a sample-id-first CSV: (new text, how, certainly invalid?)."""
+    import io
+
+    import pandas as pd
+
+    df = pd.read_csv(io.StringIO(text), index_col=0, dtype=str)
+    kind = draw(st.sampled_from(["nan", "inf", "negative", "text", "huge", "dup_id", "no_overlap", "one_row",
+                                 "no_rows", "drop_column", "names", "empty_id", "constant"]), label="table edit")
+    r = draw(st.integers(0, len(df) - 1), label="row")
+    c = draw(st.sampled_from(numeric_cols), label="column")
+    strict = False
+    if kind in ("nan", "inf", "negative", "text", "huge"):
+        df.iloc[r, df.columns.get_loc(c)] = {"nan": "nan", "inf": "inf", "negative": "-5", "text": "abc",
+                                             "huge": "1e308"}[kind]
+    elif kind == "dup_id":
+        df.index = [df.index[0] if i == r and r else x for i, x in enumerate(df.index)]
+        strict = r > 0
+    elif kind == "no_overlap":
+        df.index = [f"Q{i}" for i in range(len(df))]
+        strict = True
+    elif kind == "one_row":
+        df = df.iloc[:1]
+    elif kind == "no_rows":
+        df = df.iloc[:0]
+        strict = True
+    elif kind == "drop_column":
+        df = df.drop(columns=[c])
+    elif kind == "names":
+        name = draw(st.sampled_from(PATH_LIKE), label="name")
+        if draw(st.booleans(), label="column?"):
+            df = df.rename(columns={c: name})
+        else:
+            df.index = [name if i == r else x for i, x in enumerate(df.index)]
+    elif kind == "empty_id":
+        df.index = ["" if i == r else x for i, x in enumerate(df.index)]
+    else:
+        df[c] = "1"
+    buf = io.StringIO()
+    df.to_csv(buf)
+    return buf.getvalue(), f"{kind} (row {r}, column {c!r})", strict
+
+
+def fam_clinical(world: World, d: Path, draw: Draw) -> Case:
+    """stimage clinical bulk|survival|response on a corrupt table (or expression .h5ad)."""
+    cdir = world.clinical
+    cmd = draw(st.sampled_from(["bulk", "survival", "response"]), label="command")
+    files = {"bulk": ["pred", "bulk"], "survival": ["expr", "clinical"], "response": ["expr", "labels"]}[cmd]
+    target = draw(st.sampled_from(files), label="table")
+    src = {"pred": cdir / "expr.csv", "bulk": cdir / "bulk.csv", "expr": cdir / "expr.csv",
+           "clinical": cdir / "clinical.csv", "labels": cdir / "clinical.csv"}[target]
+    if target in ("pred", "expr") and draw(st.booleans(), label="h5ad?"):
+        src = cdir / "expr.h5ad"
+    x = d / "in" / src.name
+    if src.suffix == ".h5ad":
+        how, strict = corrupt_copy(draw, src, x, ("truncate", "empty", "garbage", "bitflip"))
+    elif draw(st.booleans(), label="bytes?"):
+        how, strict = corrupt_copy(draw, src, x)
+        strict = strict and ("empty" in how)  # a cut or random CSV may still parse as some table
+    else:
+        cols = {"clinical": ["time", "event"], "labels": ["response"]}.get(target, ["A", "B", "C", "D", "E"])
+        text, how, strict = _table_edit(draw, src.read_text(), cols)
+        x.write_text(text)
+        how = f"{src.name}: {how}"
+    paths = {t: str(x) if t == target else str({"pred": cdir / "expr.csv", "bulk": cdir / "bulk.csv",
+                                                 "expr": cdir / "expr.csv", "clinical": cdir / "clinical.csv",
+                                                 "labels": cdir / "clinical.csv"}[t]) for t in files}
+    o = d / "out" / cmd
+    if cmd == "bulk":
+        argv = ["--quiet", "clinical", "bulk", "--pred", paths["pred"], "--bulk", paths["bulk"], "--out", str(o)]
+    elif cmd == "survival":
+        argv = ["--quiet", "clinical", "survival", "--expr", paths["expr"], "--clinical", paths["clinical"], "--time",
+                "time", "--event", "event", "--out", str(o), "--folds", "2", "--repeats", "2", "--top", "2"]
+    else:
+        argv = ["--quiet", "clinical", "response", "--expr", paths["expr"], "--labels", paths["labels"], "--label",
+                "response", "--positive", "yes", "--out", str(o)]
+    case = _case(world, d, f"clinical.{target}/{cmd}", argv, "stimage", [o], strict, how)
+    case.confine = d / "out"
+    return case
+
+
+def fam_cohort(world: World, d: Path, draw: Draw) -> Case:
+    """stimage cohort predict with a corrupt slide table, or a table naming a corrupt slide
+    (a slide that fails is recorded in the manifest and the exit status is 1, by design)."""
+    src = world.clinical / "slides.csv"
+    x = d / "in" / "slides.csv"
+    kind = draw(st.sampled_from(["bytes", "content", "slide"]), label="what")
+    accept = (0,)
+    if kind == "bytes":
+        how, strict = corrupt_copy(draw, src, x)
+        strict = False  # a cut table may still name one valid slide
+        accept = (0, 1)
+    elif kind == "content":
+        edit = draw(st.sampled_from(["no_header", "no_path_column", "empty_path", "dup_id", "bad_id", "mpp_text",
+                                     "mpp_negative", "mpp_nan", "no_rows", "not_utf8", "extra_columns"]),
+                    label="slide table edit")
+        bad_id = draw(st.sampled_from(PATH_LIKE), label="id")
+        slide = str(world.slide_tif)
+        text = {"no_header": f"A1,{slide},1.0\n", "no_path_column": "slide_id,mpp\nA1,1.0\n",
+                "empty_path": "slide_id,path,mpp\nA1,,1.0\n", "dup_id": f"slide_id,path\nA1,{slide}\nA1,{slide}\n",
+                "bad_id": f"slide_id,path,mpp\n{bad_id},{slide},1.0\n", "mpp_text": f"slide_id,path,mpp\nA1,{slide},x\n",
+                "mpp_negative": f"slide_id,path,mpp\nA1,{slide},-1\n", "mpp_nan": f"slide_id,path,mpp\nA1,{slide},nan\n",
+                "no_rows": "slide_id,path,mpp\n", "not_utf8": "slide_id,path\nA\udcff1,x\n",
+                "extra_columns": f"slide_id,path,mpp\nA1,{slide},1.0,extra,more\n"}[edit]
+        x.write_bytes(text.encode("utf-8", "surrogateescape"))
+        how = f"slides.csv {edit}: {text!r}"
+        # ids must be "letters, digits, '.', '_' or '-'" (the reader's documented rule), first a letter or digit
+        strict = edit != "extra_columns" and not (edit == "bad_id"
+                                                  and re.match(r"^[A-Za-z0-9][A-Za-z0-9._-]*$", bad_id))
+        if edit == "extra_columns":
+            accept = (0, 1)
+    else:
+        bad = d / "in" / "bad.tif"
+        how, _ = corrupt_copy(draw, world.slide_tif, bad, ("truncate", "empty", "garbage"))
+        x.write_text(f"slide_id,path,mpp\nA1,{world.slide_tif},1.0\nBAD,{bad},1.0\n")
+        how = f"slides.csv naming a good slide and bad.tif = slide.tif {how.split(': ', 1)[1]}"
+        strict, accept = False, (1,)  # the bad slide is a recorded failure, exit 1
+    o = d / "out" / "cohort"
+    argv = ["--quiet", "cohort", "predict", "--model", str(world.onnx), "--slides", str(x), "--out", str(o),
+            "--workers", "1"]
+    case = _case(world, d, f"cohort.{kind}/cohort-predict", argv, "stimage", [o], strict, how)
+    case.accept, case.confine = accept, o
+    return case
+
+
 # --- the command line itself --------------------------------------------------------------------------------
 
 BAD_NUMBERS = ["0", "-1", "abc", "nan", "inf", "-inf", "1e999", "", " ", "1.5", "2**31", "99999999999999999999", "0x10",
@@ -1297,20 +1425,22 @@ class Family:
 
 
 FAMILIES = {f.name: f for f in [
-    Family("h5ad_bytes", fam_h5ad_bytes, 12),
-    Family("h5ad_content", fam_h5ad_content, 12),
-    Family("h5ad_train", fam_h5ad_train, 4),
-    Family("prediction", fam_prediction, 6),
-    Family("image_bytes", fam_image_bytes, 10),
-    Family("image_content", fam_image_content, 10),
-    Family("onnx", fam_onnx, 12),
-    Family("model_dir", fam_model_dir, 8),
-    Family("visium", fam_visium, 12),
-    Family("her2st", fam_her2st, 10),
+    Family("h5ad_bytes", fam_h5ad_bytes, 8),
+    Family("h5ad_content", fam_h5ad_content, 8),
+    Family("h5ad_train", fam_h5ad_train, 3),
+    Family("prediction", fam_prediction, 4),
+    Family("image_bytes", fam_image_bytes, 8),
+    Family("image_content", fam_image_content, 8),
+    Family("onnx", fam_onnx, 10),
+    Family("model_dir", fam_model_dir, 6),
+    Family("visium", fam_visium, 10),
+    Family("her2st", fam_her2st, 8),
     Family("cell_annotations", fam_cell_annotations, 10),
     Family("cells_train", fam_cells_train, 3),
     Family("cell_model", fam_cell_model, 3, needs_cells=True),
     Family("cell_model_json", fam_cell_model_json, 6),
-    Family("argv", fam_argv, 16),
-    Family("names", fam_names, 8),
+    Family("clinical", fam_clinical, 4),
+    Family("cohort", fam_cohort, 6),
+    Family("argv", fam_argv, 12),
+    Family("names", fam_names, 4),
 ]}

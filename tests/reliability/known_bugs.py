@@ -327,6 +327,48 @@ def r_warning_before_error(world, d):
                  how="pred.h5ad with var_names A, A, A")
 
 
+def r_clinical_nan(world, d):
+    p = d / "in" / "expr.csv"
+    text = (world.clinical / "expr.csv").read_text().splitlines()
+    cells = text[1].split(",")
+    cells[1] = "nan"
+    text[1] = ",".join(cells)
+    p.write_text("\n".join(text) + "\n")
+    o = d / "out" / "r"
+    return _case(world, d, "repro", ["--quiet", "clinical", "response", "--expr", p, "--labels",
+                                     world.clinical / "clinical.csv", "--label", "response", "--positive", "yes",
+                                     "--out", o], [o], how="expr.csv with sample P00, gene A = nan")
+
+
+def r_clinical_h5ad(world, d):
+    p = d / "in" / "expr.h5ad"
+    b = bytearray((world.clinical / "expr.h5ad").read_bytes())  # byte-identical in every world
+    b[13170 // 8] ^= 1 << (13170 % 8)
+    p.write_bytes(bytes(b))
+    o = d / "out" / "b"
+    return _case(world, d, "repro", ["--quiet", "clinical", "bulk", "--pred", p, "--bulk",
+                                     world.clinical / "bulk.csv", "--out", o], [o],
+                 how="expr.h5ad with bit 13170 flipped")
+
+
+def _slides(world, d, data: bytes, how: str):
+    p = d / "in" / "slides.csv"
+    p.write_bytes(data)
+    o = d / "out" / "cohort"
+    case = _case(world, d, "repro", ["--quiet", "cohort", "predict", "--model", world.onnx, "--slides", p, "--out", o,
+                                     "--workers", "1"], [o], how=how)
+    case.confine = o
+    return case
+
+
+def r_cohort_not_utf8(world, d):
+    return _slides(world, d, b"slide_id,path\nA\xff1,x.tif\n", "slides.csv with byte 0xff in an id")
+
+
+def r_cohort_nul(world, d):
+    return _slides(world, d, f"slide_id,path\nA1,{world.slide_tif}\x00x\n".encode(), "a NUL byte in a slide path")
+
+
 # --- stray stderr lines around the one error line ----------------------------------------------------------
 
 _CLIB = re.compile(r"^(libpng (error|warning)|\[ ?(ERROR|WARN|INFO):\d|TIFF\w*: |Corrupt JPEG|Premature end of JPEG)")
@@ -438,6 +480,21 @@ KNOWN: list[KnownBug] = [
              "stimage quickstart --sections Z1 --test-section Z1 (no section left to train on) → IndexError: list "
              "index out of range (train_secs[-1] in cli/quickstart.py)",
              [r_quickstart_one_section], matches=lambda o: False),
+    KnownBug("clinical-nonfinite-expression",
+             "stimage clinical survival/response/bulk do not check that expression values are finite: a NaN → "
+             "'TypeError: NaNs were detected in the dataset' (lifelines) / 'ValueError: Input X contains NaN.' "
+             "(scikit-learn); 1e308 → ConvergenceError / 'The dual coefficients or intercepts are not finite'",
+             [r_clinical_nan], matches=_tb(r"NaN|not finite|Convergence|infinity|too large", "clinical")),
+    KnownBug("clinical-h5ad-unguarded",
+             "export.clinical.tables.read_expr calls anndata.read_h5ad without catching: a truncated or bit-flipped "
+             "expression .h5ad (bit 13170 of the fixture flipped) → anndata's multi-line read error / "
+             "RuntimeError: Can't synchronously determine if attribute exists (h5py)",
+             [r_clinical_h5ad], matches=lambda o: (o.traceback is not None and o.case.family.startswith("clinical")
+                                                   and "h5ad" in o.case.how)),
+    KnownBug("cohort-slide-table-bytes",
+             "cohort predict: a slides.csv that is not UTF-8 → UnicodeDecodeError (read_slide_table opens it as "
+             "text without a guard); a NUL byte in a path → 'ValueError: embedded null byte'",
+             [r_cohort_not_utf8, r_cohort_nul], matches=_tb(r"UnicodeDecodeError|embedded null byte", "cohort")),
     KnownBug("stray-c-library-lines",
              "libpng and OpenCV write to fd 2 besides the error: a corrupt PNG adds 'libpng error: IDAT: incorrect "
              "data check' (or 'bad adaptive filter value'); a truncated PNG adds '[ERROR:0@..] global "

@@ -52,6 +52,7 @@ class World:
     cell_pred: Path            # p.png (the same nuclei as an instance map) and p_types.csv (id, x, y, type)
     cell_wd: Path | None       # tiny cell model workdir
     her2st: Path               # HER2ST-layout root with sections Z1, Z2
+    clinical: Path             # expr.csv, expr.h5ad, bulk.csv, clinical.csv (20 samples), slides.csv
     visium: Path               # Space Ranger folder (new format)
     spot: str                  # an obs name of s2
 
@@ -145,6 +146,27 @@ def _her2st(root: Path, sections=("Z1", "Z2")) -> Path:
     return root
 
 
+def _clinical(root: Path, slide: Path) -> Path:
+    """Tables for ``stimage clinical`` (20 samples x 5 genes; survival and a balanced response)
+    and a ``cohort predict`` slide table naming ``slide`` twice."""
+    import anndata as ad
+    import pandas as pd
+
+    root.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    ids = [f"P{i:02d}" for i in range(20)]
+    genes = ["A", "B", "C", "D", "E"]
+    expr = pd.DataFrame(rng.gamma(2.0, 3.0, (20, 5)), index=pd.Index(ids, name="sample"), columns=genes)
+    expr.to_csv(root / "expr.csv")
+    ad.AnnData(expr.to_numpy(np.float32), obs=pd.DataFrame(index=ids), var=pd.DataFrame(index=genes)).write_h5ad(
+        root / "expr.h5ad")
+    (expr * rng.uniform(0.5, 2.0, (20, 5)) * 100).round().to_csv(root / "bulk.csv")
+    pd.DataFrame({"time": rng.uniform(1, 100, 20).round(1), "event": [1, 0] * 10, "response": ["yes", "no"] * 10,
+                  "grade": ["1", "2", "3", "2"] * 5}, index=pd.Index(ids, name="sample")).to_csv(root / "clinical.csv")
+    (root / "slides.csv").write_text(f"slide_id,path,mpp\nA1,{slide},1.0\nB2,{slide},\n")
+    return root
+
+
 def build_world(root: Path, *, cells: bool = True) -> World:
     """Write every pristine input under ``root`` (about 30-40 s on 2 cores, mostly JIT).
     A folder already holding a finished world (``world.json``) is reused."""
@@ -207,6 +229,7 @@ def build_world(root: Path, *, cells: bool = True) -> World:
     types.to_csv(pred_dir / "p_types.csv", index=False)
 
     her2st = _her2st(root / "her2st")
+    clinical = _clinical(root / "clinical", slide_tif)
     visium = _visium(root / "visium", dp.write_10x_h5)
 
     wd, onnx, pred, pred_jax = root / "wd", root / "model.onnx", root / "pred.h5ad", root / "pred_jax.h5ad"
@@ -216,7 +239,7 @@ def build_world(root: Path, *, cells: bool = True) -> World:
     _cli(["--quiet", "predict", "--model", wd, "--data", study[2], "--out", pred_jax])
     cell_wd = build_cell_model(root / "cell_wd", cdir) if cells else None
     w = World(root, study, images, wd, onnx, pred, pred_jax, slide_tif, slide_png, tile, he, cdir, pred_dir, cell_wd,
-              her2st, visium, spot)
+              her2st, clinical, visium, spot)
     _save(w, done)
     return w
 
