@@ -159,6 +159,12 @@ def _executor(workers: int, dask: str | None, dask_local: int | None):
             from distributed import as_completed as dask_completed
         except ImportError:
             raise StimageError("--dask/--dask-local need dask.distributed: pip install 'stimage-jax[cohort]'") from None
+        import logging
+
+        # Dask's start/stop chatter, here and in the workers a LocalCluster spawns; warnings stay
+        os.environ.setdefault("DASK_LOGGING__DISTRIBUTED", "warning")
+        for name in [n for n in logging.root.manager.loggerDict if n.split(".")[0] == "distributed"]:
+            logging.getLogger(name).setLevel(logging.WARNING)
         if dask_local:
             with _workers_skip_main():
                 cluster = LocalCluster(n_workers=dask_local, threads_per_worker=1, processes=True,
