@@ -1,8 +1,8 @@
 """Cohort prediction throughput (issue 16): one JSON line.
 
 Slides are whole HER2ST C-section H&E images (read at 1/4 resolution, written as tiled
-pyramidal TIFFs with 2 µm/px in the tags); the model is an EfficientNet-Lite0 NB ensemble
-(untrained head, the shipped ImageNet-free random init is irrelevant to speed) exported to
+pyramidal TIFFs with 2 µm/px in the tags); the model is an EfficientNet-Lite0 NB ensemble of
+3 members (randomly initialised: the weights do not change the speed), exported to
 ONNX, 224 px tiles of 100 µm. Runs, each into a fresh output folder:
 
 - ``single``: the single-slide pipeline (``predict_slide`` in this process, one session with
