@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import sys
 import tempfile
@@ -115,6 +116,8 @@ def main(argv: list[str] | None = None) -> int:
     from generators import FAMILIES
     from harness import Worker
     from world import build_world
+
+    os.environ.setdefault("STIMAGE_HDF5_CHECK_SECONDS", "5")  # read_h5ad's guard against h5py loops (default 20)
 
     names = [n.strip() for n in a.families.split(",")] if a.families else list(FAMILIES)
     base = Path(a.workdir or tempfile.mkdtemp(prefix="stimage_reliability_"))

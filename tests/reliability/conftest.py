@@ -6,6 +6,7 @@ for thousands of examples."""
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
@@ -22,6 +23,15 @@ settings.register_profile(
     "reliability-ci", derandomize=True, deadline=None, database=None, print_blob=False,
     phases=(Phase.explicit, Phase.generate),  # no shrinking: a failing case is reported whole
     suppress_health_check=list(HealthCheck))
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _bounded_hdf5_check():
+    """read_h5ad walks HDF5 metadata in a child with a time limit (default 20 s) because h5py
+    can loop forever on a damaged file; 5 s bounds such a case here too."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("STIMAGE_HDF5_CHECK_SECONDS", os.environ.get("STIMAGE_HDF5_CHECK_SECONDS", "5"))
+        yield
 
 
 def _unchanged(before: dict, paths) -> None:

@@ -1,12 +1,12 @@
-"""Open bugs the fuzz suite found, each with its exact reproducer(s).
+"""The bugs the fuzz suite found, each with its exact reproducer(s).
 
-``test_known_bugs.py`` runs every reproducer under ``xfail(strict=True)``: when the lead
-fixes a bug its test XPASSes and fails, and the entry here is deleted with it. The
-property tests (``test_fuzz.py``) do not fail on an input whose outcome a documented bug
-explains (:func:`explained`), nor run an input that would hang (:func:`known_bug`), so
-they stay green while these are open and catch anything new.
+An open bug (``fixed=None``) runs under ``xfail(strict=True)`` in ``test_known_bugs.py``;
+the property tests (``test_fuzz.py``) do not fail on an input whose outcome an open bug
+explains (:func:`explained`), so they stay green while it is open and catch anything new.
+When a fix lands its reproducer XPASSes (a failure): set ``fixed`` to the commit, and the
+reproducer becomes a plain regression test (and stops excusing fuzz outcomes).
 
-Found on main at c7c3c55 (+ the uncommitted reader/training edits of the time).
+Found on main at c7c3c55..4337278; most fixed in 4f79029.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 from harness import ERROR_PREFIX, Case, Outcome
 
-__all__ = ["KNOWN", "KnownBug", "explained", "known_bug"]
+__all__ = ["KNOWN", "KnownBug", "explained", "known_bug", "open_bugs"]
 
 
 @dataclasses.dataclass
@@ -31,6 +31,8 @@ class KnownBug:
     reproducers: list[Callable]                      # (world, d) -> Case, each must keep the promise once fixed
     matches: Callable[[Outcome], bool] = lambda o: False   # this bug explains a fuzz outcome
     hangs: bool = False                              # the reproducer never returns: run it in a child with a timeout
+    fixed: str | None = None                         # the commit that fixed it: a regression test from then on
+    env: dict = dataclasses.field(default_factory=dict)  # environment for the reproducer
 
 
 def _case(world, d: Path, family: str, argv: list[str], outputs, runner: str = "stimage", how: str = "") -> Case:
@@ -408,26 +410,30 @@ def _stray(cls: str) -> Callable[[Outcome], bool]:
     return lambda o: cls in (stray_lines(o) or [])
 
 
+def open_bugs() -> list:
+    return [b for b in KNOWN if not b.fixed]
+
+
 KNOWN: list[KnownBug] = [
     KnownBug("hdf5-hang",
              "a .h5ad with a zeroed run of bytes makes h5py loop forever reading attributes (anndata.read_h5ad in "
              "data_pipelines.slides.read_h5ad): the command never returns. Repro: make_sample(d,'s2',seed=2,grid=4)"
              ".write_h5ad(p); bytes 2774:3015 zeroed; python -m export.predict --model M.onnx --data p --out o",
-             [r_hdf5_hang], hangs=True,
+             [r_hdf5_hang], hangs=True, fixed="4f79029", env={"STIMAGE_HDF5_CHECK_SECONDS": "2"},
              matches=lambda o: o.code == -1000 and o.case.family.startswith(("h5ad.bytes", "prediction/bytes"))),
     KnownBug("absurd-tile-crop",
              "the crop side tile_um/mpp is not bounded: mpp 1e-9 in uns['stimage'] → 'ValueError: array is too big' "
              "(predict/latent/explain); ONNX tile_um '1e30' → 'ValueError: Maximum allowed dimension exceeded'",
              [r_tiny_mpp, r_huge_tile_um],
-             matches=_tb(r"array is too big|Unable to allocate|Maximum allowed dimension|MemoryError")),
+             matches=_tb(r"array is too big|Unable to allocate|Maximum allowed dimension|MemoryError"), fixed="4f79029"),
     KnownBug("cells-evaluate-pixel-cap",
              "stimage cells evaluate --pred HUGE.tif (192-byte TIFF claiming 10^6 x 10^6 px): read_instances calls "
              "cv2.imread without the pixel cap → 'cv2.error: ... pixels <= CV_IO_MAX_IMAGE_PIXELS ...'",
-             [r_cells_pixel_cap], matches=_tb(r"CV_IO_MAX_IMAGE_PIXELS")),
+             [r_cells_pixel_cap], matches=_tb(r"CV_IO_MAX_IMAGE_PIXELS"), fixed="4f79029"),
     KnownBug("onnx-tile-px-bigint",
              "ONNX metadata tile_px '99999999999999999999': onnx_model._number → np.isfinite(int) → "
              "\"TypeError: ufunc 'isfinite' not supported for the input types\"",
-             [r_onnx_bigint], matches=_tb(r"ufunc 'isfinite'")),
+             [r_onnx_bigint], matches=_tb(r"ufunc 'isfinite'"), fixed="4f79029"),
     KnownBug("model-json-unvalidated",
              "EnsembleModel.load checks only JSON syntax and 'format' of model.json: no 'genes' → KeyError: 'genes'; "
              "4 genes for 3 outputs → ValueError (anndata var rows); 'head': null → TypeError (NBHead() argument "
@@ -435,51 +441,51 @@ KNOWN: list[KnownBug] = [
              "→ KeyError/ValueError/TypeError; 'genes': 'A,B,C' or 4 genes accepted by explain/export-onnx",
              [r_model_no_genes, r_model_four_genes, r_model_head_none, r_model_not_utf8],
              matches=lambda o: o.case.family.startswith("model.model.json") and (
-                 o.traceback is not None or (o.code == 0 and o.case.strict))),
+                 o.traceback is not None or (o.code == 0 and o.case.strict)), fixed="4f79029"),
     KnownBug("cell-model-json-unvalidated",
              "CellModel.load: model.json not UTF-8 → UnicodeDecodeError; 'backbone'/'num_types' missing → KeyError; "
              "'num_types': 'x' → TypeError ('<' not supported)",
              [r_cell_model_not_utf8, r_cell_model_no_backbone],
-             matches=lambda o: o.case.family.startswith("cellmodel.model.json") and o.traceback is not None),
+             matches=lambda o: o.case.family.startswith("cellmodel.model.json") and o.traceback is not None, fixed="4f79029"),
     KnownBug("visium-h5-object-header",
              "read visium with filtered_feature_bc_matrix.h5 bytes 69:138 zeroed: h5py raises KeyError('Unable to "
              "synchronously open object (bad object header version number)'), which read_10x_h5 does not catch",
-             [r_visium_h5_header], matches=_tb(r"^KeyError: .Unable to", "visium.h5")),
+             [r_visium_h5_header], matches=_tb(r"^KeyError: .Unable to", "visium.h5"), fixed="4f79029"),
     KnownBug("pred-types-unvalidated",
              "cells evaluate --pred-types is read without checks (outputs._pred_types): type 'dragon' → ValueError: "
              "invalid literal for int(); an empty type → ValueError: cannot convert float NaN; 99999999999999999999 "
              "→ OverflowError; -1 / 1.5 / NaN coordinates accepted (exit 0)",
              [r_pred_types_text, r_pred_types_nan, r_pred_types_negative],
              matches=lambda o: o.case.family.startswith("cells.types") and "--pred-types" in o.case.how and (
-                 o.traceback is not None or (o.code == 0 and o.case.strict))),
+                 o.traceback is not None or (o.code == 0 and o.case.strict)), fixed="4f79029"),
     KnownBug("xml-nonfinite-vertex",
              "a MoNuSeg XML vertex X='nan' (or 'inf') is accepted: the bounds check compares NaN as False, "
              "np.round(nan).astype(int32) warns (RuntimeWarning on stderr) and rasterises garbage; exit 0",
-             [r_xml_nan], matches=_accepted("cells.xml.content", "nan_x", "inf_x")),
+             [r_xml_nan], matches=_accepted("cells.xml.content", "nan_x", "inf_x"), fixed="4f79029"),
     KnownBug("instance-ids-overflow",
              "an instance-map .npy with ids >= 2**31 is silently wrapped by read_instances' astype(int32) (exit 0, "
              "metrics of a different map)",
-             [r_npy_huge_ids], matches=_accepted("cells.npy.content", "huge_ids")),
+             [r_npy_huge_ids], matches=_accepted("cells.npy.content", "huge_ids"), fixed="4f79029"),
     KnownBug("export-predict-cli-format",
              "python -m export.predict uses plain argparse (usage block + 'python -m export.predict: error: ...', "
              "SystemExit) and prints str(e) whole (a gene 'G\\nH' gives two lines); stimage's one-line format applies "
              "to the stimage command only",
              [r_export_argparse, r_export_multiline],
              matches=lambda o: o.case.runner == "export" and o.code == 2 and not o.traceback and (
-                 "usage: python -m export.predict" in o.stderr or "\\n" in o.case.how)),
+                 "usage: python -m export.predict" in o.stderr or "\\n" in o.case.how), fixed="4f79029"),
     KnownBug("output-folder-not-checked",
              "benchmark --workdir /proc/x → FileNotFoundError; explain --out /proc/x → FileNotFoundError (after "
              "LIME ran); cells train --workdir /dev/null/x → NotADirectoryError, --workdir FILE → FileExistsError",
              [r_benchmark_proc, r_cells_train_file_workdir],
              matches=_tb(r"^(FileNotFoundError|NotADirectoryError|FileExistsError|IsADirectoryError|PermissionError)",
-                         "argv.path/")),
+                         "argv.path/"), fixed="4f79029"),
     KnownBug("latent-empty-gene-list",
              "stimage latent --genes ',' (or '') → 'ValueError: Number of columns must be a positive integer, not 0'",
-             [r_latent_no_genes], matches=_tb(r"Number of columns must be a positive integer", "names/latent")),
+             [r_latent_no_genes], matches=_tb(r"Number of columns must be a positive integer", "names/latent"), fixed="4f79029"),
     KnownBug("quickstart-no-training-section",
              "stimage quickstart --sections Z1 --test-section Z1 (no section left to train on) → IndexError: list "
              "index out of range (train_secs[-1] in cli/quickstart.py)",
-             [r_quickstart_one_section], matches=lambda o: False),
+             [r_quickstart_one_section], matches=lambda o: False, fixed="4f79029"),
     KnownBug("clinical-nonfinite-expression",
              "stimage clinical survival/response/bulk do not check that expression values are finite: a NaN → "
              "'TypeError: NaNs were detected in the dataset' (lifelines) / 'ValueError: Input X contains NaN.' "
@@ -500,19 +506,19 @@ KNOWN: list[KnownBug] = [
              "data check' (or 'bad adaptive filter value'); a truncated PNG adds '[ERROR:0@..] global "
              "grfmt_png.cpp:297 readHeader IHDR chunk shall be first'; a float TIFF adds '[ WARN:0@..] ... "
              "TIFFRGBAImageOK'",
-             [r_libpng_line, r_opencv_log_line], matches=_stray("stray-c-library-lines")),
+             [r_libpng_line, r_opencv_log_line], matches=_stray("stray-c-library-lines"), fixed="4f79029"),
     KnownBug("stray-tifffile-log-lines",
              "tifffile logs through logging (e.g. 'ERROR <TiffTag.fromfile> raised TiffFileError(...)') before "
              "the error line on a corrupt TIFF",
-             [r_tifffile_log_line], matches=_stray("stray-tifffile-log-lines")),
+             [r_tifffile_log_line], matches=_stray("stray-tifffile-log-lines"), fixed="4f79029"),
     KnownBug("warning-lines-before-error",
              "Python warnings are printed before the error: anndata's 'Variable names are not unique' (evaluate "
              "--pred with duplicate genes), the HER2ST reader's 'N of M counted spot(s) ... dropped' (then '0 counted "
              "spot(s) found')",
-             [r_warning_before_error], matches=_stray("warning-lines-before-error")),
+             [r_warning_before_error], matches=_stray("warning-lines-before-error"), fixed="4f79029"),
     KnownBug("progress-bar-despite-quiet",
              "stimage --quiet explain (LIME) still draws lime's progress bar on stderr",
-             [], matches=_stray("progress-bar-despite-quiet")),
+             [], matches=_stray("progress-bar-despite-quiet"), fixed="4f79029"),
 ]
 
 
@@ -526,7 +532,8 @@ def explained(o: Outcome) -> list[str]:
     """The documented bugs that account for every broken promise of ``o`` ([] = none do)."""
     if not o.violations() or o.partial or o.changed_inputs or o.different_result:
         return []  # a file left behind, an input modified or a silently different result is never excused
+    names = {b.name for b in open_bugs()}
     stray = stray_lines(o)
     if stray:
-        return stray
-    return [b.name for b in KNOWN if b.matches(o)][:1]
+        return stray if set(stray) <= names else []
+    return [b.name for b in open_bugs() if b.matches(o)][:1]

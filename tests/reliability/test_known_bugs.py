@@ -1,7 +1,7 @@
-"""The open bugs the fuzz suite found (``known_bugs.KNOWN``), one strict xfail per exact
-reproducer: each must keep the promise (exit 2, one ``stimage: error:`` line, no traceback,
-nothing written, inputs untouched) once fixed — its XPASS then fails this test, and the
-entry is removed from ``known_bugs.py`` (which also stops excusing it in ``test_fuzz.py``)."""
+"""The bugs the fuzz suite found (``known_bugs.KNOWN``), one test per exact reproducer: each
+must keep the promise (exit 2, one ``stimage: error:`` line, no traceback, nothing written,
+inputs untouched). An open bug's test is a strict xfail (its XPASS after a fix fails, and the
+bug is then marked ``fixed`` in ``known_bugs.py``); a fixed bug's test is a regression test."""
 
 from __future__ import annotations
 
@@ -19,13 +19,15 @@ HANG_TIMEOUT_S = 8  # a fixed reader answers in ~3 s (imports) even on a loaded 
 def _params():
     for bug in KNOWN:
         for make in bug.reproducers:
-            yield pytest.param(bug, make, id=f"{bug.name}:{make.__name__}",
-                               marks=pytest.mark.xfail(strict=True, reason=bug.reason))
+            marks = () if bug.fixed else pytest.mark.xfail(strict=True, reason=bug.reason)
+            yield pytest.param(bug, make, id=f"{'fixed' if bug.fixed else 'open'}:{bug.name}:{make.__name__}",
+                               marks=marks)
 
 
 def _run_with_timeout(case):
     """A reproducer that hangs, run as its own process (an in-process hang cannot be stopped)."""
-    head = ["-m", "export.predict"] if case.runner == "export" else ["-m", "stimage_jax.cli"]
+    head = ["-m", "export.predict"] if case.runner == "export" else \
+        ["-c", "import sys; from stimage_jax.cli import main; sys.exit(main(sys.argv[1:]))"]
     try:
         p = subprocess.run([sys.executable, *head, *case.argv], capture_output=True, text=True,
                            timeout=HANG_TIMEOUT_S, check=False)
@@ -36,9 +38,11 @@ def _run_with_timeout(case):
 
 
 @pytest.mark.parametrize("bug, make", list(_params()))
-def test_known_bug_reproducer(bug, make, world, tmp_path):
+def test_known_bug_reproducer(bug, make, world, tmp_path, monkeypatch):
+    for k, v in bug.env.items():
+        monkeypatch.setenv(k, v)
     case = make(world, new_case_dir(tmp_path, 1))
-    if bug.hangs:
+    if bug.hangs and not bug.fixed:  # still hangs: in a child process, with a timeout
         _run_with_timeout(case)
         return
     out = run_case(case)
