@@ -44,19 +44,34 @@ def read_expr(path) -> tuple[pd.DataFrame, str]:
     """cohort.h5ad (X, obs_names) or a samples × genes CSV → (numeric frame, "h5ad" | "csv")."""
     p = Path(path)
     if p.suffix == ".h5ad":
-        import anndata as ad
+        from data_pipelines.slides.h5ad import read_anndata
 
-        if not p.is_file():
-            raise StimageError(f"expression {p} not found")
-        a = ad.read_h5ad(p)
+        a = read_anndata(p, "expression")
+        if a.X is None:
+            raise StimageError(f"expression {p} has no X matrix")
         X = a.X.toarray() if hasattr(a.X, "toarray") else np.asarray(a.X)
-        return pd.DataFrame(X.astype(np.float64), index=a.obs_names.astype(str), columns=a.var_names.astype(str)), \
-            "h5ad"
+        try:
+            frame = pd.DataFrame(np.asarray(X, np.float64), index=a.obs_names.astype(str),
+                                 columns=a.var_names.astype(str))
+        except (TypeError, ValueError):
+            raise StimageError(f"expression {p}: X is not numeric") from None
+        return _finite(frame, p), "h5ad"
     df = read_table(p, "expression")
     num = df.select_dtypes(include=[np.number])
     if num.shape[1] == 0:
         raise StimageError(f"expression {p} has no numeric gene columns")
-    return num.astype(np.float64), "csv"
+    return _finite(num.astype(np.float64), p), "csv"
+
+
+def _finite(df: pd.DataFrame, p: Path) -> pd.DataFrame:
+    """Expression must be finite and of a size the models can fit (|x| < 1e100)."""
+    v = df.to_numpy()
+    bad = ~np.isfinite(v) | (np.abs(v) > 1e100)
+    if bad.any():
+        i, j = np.argwhere(bad)[0]
+        raise StimageError(f"expression {p}: sample {df.index[i]}, gene {df.columns[j]} is {v[i, j]!r}; "
+                           "values must be finite numbers")
+    return df
 
 
 def normalise(df: pd.DataFrame, transform: str, kind: str) -> tuple[pd.DataFrame, str]:

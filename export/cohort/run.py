@@ -46,7 +46,15 @@ def read_slide_table(path) -> list[dict]:
     path = Path(path)
     if not path.is_file():
         raise StimageError(f"slide table {path} not found")
-    with open(path, newline="") as f:
+    try:
+        text = path.read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError:
+        raise StimageError(f"slide table {path} is not UTF-8 text (a CSV: slide_id,path[,mpp])") from None
+    if "\x00" in text:
+        raise StimageError(f"slide table {path} holds a NUL byte: not a CSV of slide_id,path[,mpp]")
+    import io as _io
+
+    with _io.StringIO(text, newline="") as f:
         reader = csv.DictReader(f)
         cols = [c.strip() for c in (reader.fieldnames or [])]
         if "slide_id" not in cols or "path" not in cols:
