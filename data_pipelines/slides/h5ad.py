@@ -46,6 +46,10 @@ def check_hdf5_readable(path: str | Path, seconds: float | None = None) -> None:
         code = 1
         try:
             os.close(r)
+            # Self-destruct even if the parent is killed while waiting: the default SIGALRM
+            # action ends a process stuck inside a C call, where nothing else reaches it.
+            signal.signal(signal.SIGALRM, signal.SIG_DFL)
+            signal.alarm(int(seconds) + 2)
             null = os.open(os.devnull, os.O_WRONLY)
             os.dup2(null, 2)  # HDF5's diagnostic dump is not for the user
             _walk_hdf5(str(path))
