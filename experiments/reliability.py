@@ -114,9 +114,10 @@ def main(argv: list[str] | None = None) -> int:
     a = ap.parse_args(argv)
 
     from generators import FAMILIES
-    from harness import Worker
+    from harness import Worker, pin_hypothesis
     from world import build_world
 
+    pin_hypothesis()
     os.environ.setdefault("STIMAGE_HDF5_CHECK_SECONDS", "5")  # read_h5ad's guard against h5py loops (default 20)
 
     names = [n.strip() for n in a.families.split(",")] if a.families else list(FAMILIES)

@@ -16,8 +16,10 @@ from hypothesis import HealthCheck, Phase, settings
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))  # harness, world, generators: shared with experiments/reliability.py
 
-from harness import tree_hashes
+from harness import pin_hypothesis, tree_hashes
 from world import build_world
+
+pin_hypothesis()  # examples independent of the library's own constants; Hypothesis' files out of the repo
 
 settings.register_profile(
     "reliability-ci", derandomize=True, deadline=None, database=None, print_blob=False,

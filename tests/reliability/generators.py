@@ -806,7 +806,7 @@ def fam_visium(world: World, d: Path, draw: Draw) -> Case:
             "tissue_hires_scalef": ["<delete>", 0, -0.5, "0.5", None, 1e-300, float("inf")],
         })
         sf.write_text(json.dumps(cfg))
-        strict = "= '" not in how  # a number written as a JSON string may be accepted
+        strict = "= '" not in how and "1e-300" not in how  # a number as a JSON string, a tiny scale: maybe accepted
         how = f"scalefactors_json.json: {how}"
     else:
         import cv2
@@ -846,6 +846,8 @@ def fam_her2st(world: World, d: Path, draw: Draw, commands=("read-her2st", "quic
         how, strict = corrupt_copy(draw, f, f)
         if target in ("selection", "labels"):
             strict = False  # a truncated TSV may still be a (shorter) valid table
+        if target == "image":
+            strict = False  # the reader reads only the image's header; tiling decodes it (and refuses it)
     elif target == "counts":
         with gzip.open(cnt, "rt") as f:
             lines = f.read().splitlines()
@@ -868,8 +870,9 @@ def fam_her2st(world: World, d: Path, draw: Draw, commands=("read-her2st", "quic
                                label="gene")
             lines[0] = "\t".join(header)
             strict = False
-        elif kind == "no_header":
+        elif kind == "no_header":  # the first spot's row becomes the header: unknowable, so tolerated
             lines = lines[1:]
+            strict = False
         elif kind == "empty":
             lines = lines[:1]
         with gzip.open(cnt, "wt") as f:
@@ -999,6 +1002,8 @@ def fam_cell_annotations(world: World, d: Path, draw: Draw) -> Case:
             x2 = x.with_name("p_types.csv")
             text = x.read_bytes()
             x.unlink()
+            if mode == "content" and any(k in how for k in ("text_x", "nan_y", "missing_column")):
+                strict = False  # a prediction table's x, y are not read (id and type are)
             if mode == "content":  # the same defects in a prediction table (id first)
                 lines = text.decode().splitlines()
                 text = "\n".join([("id," + ln) if i == 0 and ln else (f"{i}," + ln) if ln else ln
@@ -1007,7 +1012,7 @@ def fam_cell_annotations(world: World, d: Path, draw: Draw) -> Case:
             x = x2
             if mode == "bytes":  # corrupt the prediction's own table instead of the truth's
                 how, strict = corrupt_copy(draw, world.cell_pred / "p_types.csv", x)
-                strict = strict and "truncated" not in how
+                strict = False  # a cut or random table may have no 'type' column: "no types", by design
             extra = ["--pred-types", str(x), "--truth-types", str(src / "t0_types.csv")]
         else:
             extra = ["--pred-types", str(world.cell_pred / "p_types.csv"), "--truth-types", str(x)]
@@ -1371,8 +1376,9 @@ def fam_argv(world: World, d: Path, draw: Draw) -> Case:
                                         str(d / "in" / "x.onnx")]), label="path")
         else:
             i = draw(st.sampled_from(flags_out), label="flag")
-            bad = draw(st.sampled_from(["/proc/stimage-fuzz/out.h5ad", str(d / "in"), "", "/dev/null/x",
-                                        str(world.study[2]), str(world.study[0])]), label="path")
+            # (an empty existing folder would be a valid --workdir / folder --out: not offered)
+            bad = draw(st.sampled_from(["/proc/stimage-fuzz/out.h5ad", "/dev/null/x", str(world.study[2]),
+                                        str(world.study[0])]), label="path")
         how = f"{argv[i]} {bad!r}"
         argv[i + 1] = bad
         if name == "quickstart":  # a missing --shared is the only certain failure of a quickstart

@@ -31,7 +31,7 @@ import traceback
 import warnings
 from pathlib import Path
 
-__all__ = ["Case", "Outcome", "Worker", "run_case", "snapshot", "tree_hashes"]
+__all__ = ["Case", "Outcome", "Worker", "pin_hypothesis", "run_case", "snapshot", "tree_hashes"]
 
 ERROR_PREFIX = "stimage: error:"
 
@@ -115,6 +115,22 @@ class Outcome:
     def report(self) -> str:
         return (f"[{self.case.family}] {self.case.command()}\n  input: {self.case.how}\n  exit {self.code}; "
                 f"stderr {self.error_lines[-3:]!r}\n  violations: {self.violations()}")
+
+
+def pin_hypothesis() -> None:
+    """Make generation depend only on the generators and the seed: Hypothesis (>= 6.13x) also
+    draws "local constants" harvested from the project's own modules, so any library edit
+    would change the examples; and it keeps a storage folder (constants, unicode tables),
+    which goes to the temporary folder instead of the repository."""
+    os.environ.setdefault("HYPOTHESIS_STORAGE_DIRECTORY",
+                          str(Path(tempfile.gettempdir()) / "stimage-reliability-hypothesis"))
+    try:
+        from hypothesis.internal.conjecture import providers
+
+        empty = providers.Constants()
+        providers._get_local_constants = lambda: empty
+    except (ImportError, AttributeError, TypeError):  # another Hypothesis: generation still derandomised
+        pass
 
 
 def _file_hash(p: Path) -> str:

@@ -6,7 +6,7 @@ explains (:func:`explained`), so they stay green while it is open and catch anyt
 When a fix lands its reproducer XPASSes (a failure): set ``fixed`` to the commit, and the
 reproducer becomes a plain regression test (and stops excusing fuzz outcomes).
 
-Found on main at c7c3c55..4337278; most fixed in 4f79029.
+Found on main at c7c3c55..4337278 and d178212; fixed so far in 4f79029 and b8015c7.
 """
 
 from __future__ import annotations
@@ -371,6 +371,51 @@ def r_cohort_nul(world, d):
     return _slides(world, d, f"slide_id,path\nA1,{world.slide_tif}\x00x\n".encode(), "a NUL byte in a slide path")
 
 
+def r_model_no_backbone(world, d):
+    return _model_json(world, d, _json_set("backbone", delete=True))
+
+
+def r_model_head_negative(world, d):
+    import shutil
+
+    wd = d / "in" / "wd"
+    shutil.copytree(world.wd / "model", wd / "model")
+    _json_set("head", {"hidden": -1})(wd / "model" / "model.json")
+    o = d / "out" / "l.png"
+    return _case(world, d, "repro", ["--quiet", "latent", "--model", wd, "--data", world.study[2], "--genes", "A",
+                                     "--out", o], [o], how="model.json 'head' = {'hidden': -1}")
+
+
+def r_cell_model_backbone_list(world, d):
+    return _cell_model_json(world, d, _json_set("backbone", []))
+
+
+def r_truth_types_nan(world, d):
+    p = d / "in" / "t_types.csv"
+    p.write_text("x,y,type\n10,10,\n")
+    o = d / "out" / "m.json"
+    return _case(world, d, "repro", ["--quiet", "cells", "evaluate", "--pred", world.cell_pred / "p.png", "--truth",
+                                     world.cells / "t0_instances.png", "--pred-types",
+                                     world.cell_pred / "p_types.csv", "--truth-types", p, "--out", o], [o],
+                 how="--truth-types 'x,y,type\\n10,10,\\n' (an empty type)")
+
+
+def r_her2st_constant_pixels(world, d):
+    import shutil
+
+    import pandas as pd
+
+    root = d / "in" / "her2st"
+    shutil.copytree(world.her2st, root)
+    sel = root / "data" / "ST-spotfiles" / "Z1_selection.tsv"
+    df = pd.read_csv(sel, sep="\t")
+    df["pixel_x"], df["pixel_y"] = 100, 100
+    df.to_csv(sel, sep="\t", index=False)
+    o = d / "out" / "h"
+    return _case(world, d, "repro", ["--quiet", "read", "her2st", root, "--sections", "Z1", "--out", o], [o],
+                 how="Z1_selection.tsv with pixel_x = pixel_y = 100 for every spot")
+
+
 # --- stray stderr lines around the one error line ----------------------------------------------------------
 
 _CLIB = re.compile(r"^(libpng (error|warning)|\[ ?(ERROR|WARN|INFO):\d|TIFF\w*: |Corrupt JPEG|Premature end of JPEG)")
@@ -490,17 +535,40 @@ KNOWN: list[KnownBug] = [
              "stimage clinical survival/response/bulk do not check that expression values are finite: a NaN → "
              "'TypeError: NaNs were detected in the dataset' (lifelines) / 'ValueError: Input X contains NaN.' "
              "(scikit-learn); 1e308 → ConvergenceError / 'The dual coefficients or intercepts are not finite'",
-             [r_clinical_nan], matches=_tb(r"NaN|not finite|Convergence|infinity|too large", "clinical")),
+             [r_clinical_nan], matches=_tb(r"NaN|not finite|Convergence|infinity|too large", "clinical"), fixed="b8015c7"),
     KnownBug("clinical-h5ad-unguarded",
              "export.clinical.tables.read_expr calls anndata.read_h5ad without catching: a truncated or bit-flipped "
              "expression .h5ad (bit 13170 of the fixture flipped) → anndata's multi-line read error / "
              "RuntimeError: Can't synchronously determine if attribute exists (h5py)",
              [r_clinical_h5ad], matches=lambda o: (o.traceback is not None and o.case.family.startswith("clinical")
-                                                   and "h5ad" in o.case.how)),
+                                                   and "h5ad" in o.case.how), fixed="b8015c7"),
     KnownBug("cohort-slide-table-bytes",
              "cohort predict: a slides.csv that is not UTF-8 → UnicodeDecodeError (read_slide_table opens it as "
              "text without a guard); a NUL byte in a path → 'ValueError: embedded null byte'",
-             [r_cohort_not_utf8, r_cohort_nul], matches=_tb(r"UnicodeDecodeError|embedded null byte", "cohort")),
+             [r_cohort_not_utf8, r_cohort_nul], matches=_tb(r"UnicodeDecodeError|embedded null byte", "cohort"), fixed="b8015c7"),
+    KnownBug("model-json-incomplete",
+             "EnsembleModel.load (after 4f79029) still trusts some of model.json: no 'backbone' → KeyError: "
+             "'backbone' (stimage predict --model W); 'head': {'hidden': -1} → TypeError: Only non-negative indices "
+             "are allowed when broadcasting static shapes (stimage latent)",
+             [r_model_no_backbone, r_model_head_negative],
+             matches=lambda o: o.case.family.startswith("model.model.json") and o.traceback is not None),
+    KnownBug("cell-model-json-types",
+             "CellModel.load (after 4f79029) checks keys, not their types: 'backbone': [] → TypeError: unhashable "
+             "type: 'list' (cells predict/export-onnx); with a trained model, 'type_names' deleted / None / [] / -1 "
+             "→ KeyError / TypeError / IndexError",
+             [r_cell_model_backbone_list],
+             matches=lambda o: o.case.family.startswith("cellmodel.model.json") and o.traceback is not None),
+    KnownBug("truth-types-empty-type",
+             "stimage cells evaluate --truth-types T.csv where a row's type is empty (or the CSV is cut mid-row): "
+             "read_type_table → _type_id(nan) → 'ValueError: cannot convert float NaN to integer'",
+             [r_truth_types_nan],
+             matches=lambda o: (o.case.family.startswith("cells.types") and "--truth-types" in o.case.how
+                                and o.traceback is not None and "NaN" in o.traceback)),
+    KnownBug("her2st-degenerate-pixel-fit",
+             "read her2st with every selection pixel at (100, 100): the fitted px per array unit is ~1e-14, not "
+             "<= 0, so the reader accepts it and writes uns['stimage']['mpp'] = 6.6e15 (exit 0); expected the "
+             "'pixel coordinates do not grow with array coordinates' error",
+             [r_her2st_constant_pixels], matches=_accepted("her2st.selection.content", "constant_pixels")),
     KnownBug("stray-c-library-lines",
              "libpng and OpenCV write to fd 2 besides the error: a corrupt PNG adds 'libpng error: IDAT: incorrect "
              "data check' (or 'bad adaptive filter value'); a truncated PNG adds '[ERROR:0@..] global "
