@@ -29,7 +29,7 @@ def _walk_hdf5(path: str) -> None:
         f.visititems(lambda name, obj: dict(obj.attrs))
 
 
-def check_hdf5_readable(path: str | Path, seconds: float | None = None) -> None:
+def check_hdf5_readable(path: str | Path, seconds: float | None = None, what: str = "file") -> None:
     """Refuse an HDF5 file whose metadata cannot be walked within ``seconds``
     (``$STIMAGE_HDF5_CHECK_SECONDS``, default 5), walked in a forked child process.
     Without ``os.fork`` (Windows) the file is read unguarded."""
@@ -71,13 +71,14 @@ def check_hdf5_readable(path: str | Path, seconds: float | None = None) -> None:
             if time.monotonic() > deadline:
                 os.kill(pid, signal.SIGKILL)
                 os.waitpid(pid, 0)
-                raise StimageError(f"{path} is corrupt: its HDF5 metadata could not be read within {seconds:g} s")
+                raise StimageError(f"{what} {path} is not a readable .h5ad (corrupt: its HDF5 metadata could "
+                                   f"not be read within {seconds:g} s)")
             time.sleep(0.002)
         msg = os.read(r, 400).decode(errors="replace")
     finally:
         os.close(r)
     if not (os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0):
-        raise StimageError(f"{path} is not a readable HDF5 file ({msg or 'unreadable'})")
+        raise StimageError(f"{what} {path} is not a readable .h5ad ({msg or 'unreadable HDF5'})")
 
 
 def read_anndata(path: str | Path, what: str = "data file") -> ad.AnnData:
@@ -85,7 +86,7 @@ def read_anndata(path: str | Path, what: str = "data file") -> ad.AnnData:
     path = Path(path)
     if not path.is_file():
         raise StimageError(f"{what} {path} not found")
-    check_hdf5_readable(path)
+    check_hdf5_readable(path, what=what)
     try:
         return ad.read_h5ad(path)
     except Exception as e:  # h5py/anndata raise many types on a corrupt file
