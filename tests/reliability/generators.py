@@ -12,7 +12,8 @@ corrupt image, empty tissue), images (PNG/TIFF bytes and content: header claimin
 1 px, grey, RGBA transparent, 16-bit, float, planar, blank), ``.onnx`` (bytes and
 metadata), model folders (``model.json``, checkpoints), Space Ranger folders (h5, CSV,
 JSON, PNG), HER2ST roots (gzip TSV, TSV, JPEG), nucleus annotations (MoNuSeg XML,
-type CSV, ``.npy`` maps), cell models, and the command line itself.
+type CSV, ``.npy`` maps), cell models, clinical tables (CSV, ``.h5ad``), cohort slide
+tables, and the command line itself (bad values, missing/unknown options, impossible paths).
 """
 
 from __future__ import annotations

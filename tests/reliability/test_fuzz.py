@@ -2,7 +2,9 @@
 
 One property test per generator family (``generators.FAMILIES``: .h5ad bytes and content,
 predictions, images, ONNX files, model folders, Space Ranger and HER2ST folders, nucleus
-annotations, cell models, the command line, gene names that look like paths). Each
+annotations, cell models, clinical tables, cohort slide tables, the command line, gene names
+that look like paths; ``stimage serve`` is left out: it execs a server in place of the
+process). Each
 example runs the command in-process through ``stimage_jax.cli.main`` or
 ``export.predict.main`` and asserts (``harness.Outcome.violations``): exit status 2, stderr
 exactly one ``stimage: error:`` line, no traceback, no file left behind (output or
@@ -24,7 +26,6 @@ from hypothesis import strategies as st
 from known_bugs import explained, known_bug
 
 SCALE = float(os.environ.get("STIMAGE_FUZZ_SCALE", "1"))  # e.g. 10 for a longer local run
-# STIMAGE_FUZZ_CELLS=1 also runs the family that needs a trained cell model
 PROFILE = os.environ.get("STIMAGE_FUZZ_PROFILE", "reliability-ci")  # registered in conftest.py
 
 
@@ -32,9 +33,6 @@ PROFILE = os.environ.get("STIMAGE_FUZZ_PROFILE", "reliability-ci")  # registered
 def test_malformed_input_fails_cleanly(name, world, case_dirs, request):
     fam = FAMILIES[name]
     if fam.needs_cells:
-        if not os.environ.get("STIMAGE_FUZZ_CELLS"):
-            pytest.skip("training the cell model costs ~20 s of CI: experiments/reliability.py runs this family "
-                        "(or set STIMAGE_FUZZ_CELLS=1)")
         world = request.getfixturevalue("cell_world")
     seen: dict[str, int] = {}
 
