@@ -174,7 +174,9 @@ def _type_id(v, class_names: Sequence[str], where: str) -> int:
         if not 0 <= i < len(class_names):
             raise StimageError(f"{where}: type {i} is outside 0..{len(class_names) - 1} ({', '.join(class_names)})")
         return i
-    if isinstance(v, float) and v == int(v):
+    if isinstance(v, float):
+        if not (np.isfinite(v) and v == int(v)):  # an empty cell reads as NaN
+            raise StimageError(f"{where}: cell type {v!r} is not a class id or name (empty cell?)")
         return _type_id(int(v), class_names, where)
     key = str(v).strip().lower().replace(" ", "_").replace("-", "_")
     if key not in names:

@@ -176,7 +176,9 @@ def read_her2st(root: str | Path, section: str, *, require_image: bool = False) 
     # mpp from all counted spots (before the image cut): more points, same array.
     px_per_unit = np.mean([_fit_px_per_unit(s["new_x"].to_numpy(float), s["pixel_x"].to_numpy(float)),
                            _fit_px_per_unit(s["new_y"].to_numpy(float), s["pixel_y"].to_numpy(float))])
-    if not np.isfinite(px_per_unit) or px_per_unit <= 0:
+    # Under 1 px per array step the fit is degenerate (pixel coordinates all alike): the mpp
+    # would be absurd (legacy ST's 200 µm pitch is ~290 px at 0.69 µm/px).
+    if not np.isfinite(px_per_unit) or px_per_unit < 1.0:
         raise StimageError(f"{sel_path}: pixel coordinates do not grow with array coordinates "
                            f"(fitted {px_per_unit} px per array unit)")
     mpp = LEGACY_ST_PITCH_UM / px_per_unit

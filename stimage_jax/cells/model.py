@@ -86,10 +86,12 @@ class CellModel:
         if not isinstance(cfg, dict) or cfg.get("format") != MODEL_FORMAT:
             raise StimageError(f"{meta} has format {cfg.get('format') if isinstance(cfg, dict) else None!r}, "
                                f"expected {MODEL_FORMAT!r}")
-        nt = cfg.get("num_types")
-        if cfg.get("backbone") not in PRESETS or not (isinstance(nt, int) and not isinstance(nt, bool) and 0 <= nt <= 64):
-            raise StimageError(f"{meta} is corrupt: 'backbone' must be one of {', '.join(PRESETS)} and 'num_types' "
-                               "a small whole number; retrain or restore the file")
+        nt, names = cfg.get("num_types"), cfg.get("type_names")
+        if not isinstance(cfg.get("backbone"), str) or cfg["backbone"] not in PRESETS or not (
+                isinstance(nt, int) and not isinstance(nt, bool) and 0 <= nt <= 64) or not (
+                isinstance(names, list) and all(isinstance(n, str) for n in names) and len(names) == nt):
+            raise StimageError(f"{meta} is corrupt: 'backbone' must be one of {', '.join(PRESETS)}, 'num_types' "
+                               "a small whole number and 'type_names' that many names; retrain or restore the file")
         # Built abstractly and filled from the checkpoint: random initialisation would cost
         # seconds of compilation only to be overwritten.
         net = nnx.eval_shape(lambda: PRESETS[cfg["backbone"]](rngs=nnx.Rngs(0), weights=None,

@@ -136,9 +136,16 @@ def _check_config(cfg: dict, meta: Path) -> None:
     ms = cfg.get("member_sources")
     if not isinstance(ms, list) or not ms or not all(m in names for m in ms) or cfg.get("members") != len(ms):
         bad("'member_sources' must name a source per member ('members' of them)")
-    if not isinstance(cfg.get("head"), dict) or not isinstance(cfg.get("train"), dict) \
+    head = cfg.get("head")
+    if not isinstance(head, dict) or not isinstance(cfg.get("train"), dict) \
             or cfg["train"].get("loss") not in ("nb", "mse_log1p"):
         bad("'head' and 'train' (with its loss) are missing")
+    hidden, dropout = head.get("hidden", 0), head.get("dropout", 0.0)
+    if not (isinstance(hidden, int) and not isinstance(hidden, bool) and 0 <= hidden <= 1 << 16
+            and isinstance(dropout, (int, float)) and 0 <= dropout < 1) or set(head) - {"hidden", "dropout"}:
+        bad("'head' must hold hidden (a whole number >= 0) and dropout (0 to 1)")
+    if not isinstance(cfg.get("backbone"), str) or not cfg["backbone"]:
+        bad("'backbone' must name the feature source(s)")
     if not isinstance(cfg.get("fine_tune"), bool):
         bad("'fine_tune' must be true or false")
     tile_px, tile_um = cfg.get("tile_px"), cfg.get("tile_um")
