@@ -551,24 +551,27 @@ KNOWN: list[KnownBug] = [
              "'backbone' (stimage predict --model W); 'head': {'hidden': -1} → TypeError: Only non-negative indices "
              "are allowed when broadcasting static shapes (stimage latent)",
              [r_model_no_backbone, r_model_head_negative],
-             matches=lambda o: o.case.family.startswith("model.model.json") and o.traceback is not None),
+             matches=lambda o: o.case.family.startswith("model.model.json") and o.traceback is not None,
+             fixed="4adf440"),
     KnownBug("cell-model-json-types",
              "CellModel.load (after 4f79029) checks keys, not their types: 'backbone': [] → TypeError: unhashable "
              "type: 'list' (cells predict/export-onnx); with a trained model, 'type_names' deleted / None / [] / -1 "
              "→ KeyError / TypeError / IndexError",
              [r_cell_model_backbone_list],
-             matches=lambda o: o.case.family.startswith("cellmodel.model.json") and o.traceback is not None),
+             matches=lambda o: o.case.family.startswith("cellmodel.model.json") and o.traceback is not None,
+             fixed="4adf440"),
     KnownBug("truth-types-empty-type",
              "stimage cells evaluate --truth-types T.csv where a row's type is empty (or the CSV is cut mid-row): "
              "read_type_table → _type_id(nan) → 'ValueError: cannot convert float NaN to integer'",
              [r_truth_types_nan],
              matches=lambda o: (o.case.family.startswith("cells.types") and "--truth-types" in o.case.how
-                                and o.traceback is not None and "NaN" in o.traceback)),
+                                and o.traceback is not None and "NaN" in o.traceback), fixed="4adf440"),
     KnownBug("her2st-degenerate-pixel-fit",
              "read her2st with every selection pixel at (100, 100): the fitted px per array unit is ~1e-14, not "
              "<= 0, so the reader accepts it and writes uns['stimage']['mpp'] = 6.6e15 (exit 0); expected the "
              "'pixel coordinates do not grow with array coordinates' error",
-             [r_her2st_constant_pixels], matches=_accepted("her2st.selection.content", "constant_pixels")),
+             [r_her2st_constant_pixels], matches=_accepted("her2st.selection.content", "constant_pixels"),
+             fixed="4adf440"),
     KnownBug("stray-c-library-lines",
              "libpng and OpenCV write to fd 2 besides the error: a corrupt PNG adds 'libpng error: IDAT: incorrect "
              "data check' (or 'bad adaptive filter value'); a truncated PNG adds '[ERROR:0@..] global "
