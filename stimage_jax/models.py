@@ -8,12 +8,10 @@ training workdir / its ``model/`` folder, dispatched on ``model.json``'s ``forma
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 
-from data_pipelines.errors import StimageError
-from export.runtime.predictor import resolve_model_dir
+from export.runtime.predictor import read_model_json, resolve_model_dir
 
 __all__ = ["load_model", "is_onnx"]
 
@@ -33,12 +31,7 @@ def load_model(path: str | os.PathLike):
 
     meta = resolve_model_dir(path) / "model.json"
     if meta.is_file():
-        try:
-            cfg = json.loads(meta.read_text())
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise StimageError(f"{meta} is corrupt: {e}") from None
-        if not isinstance(cfg, dict):
-            raise StimageError(f"{meta} is corrupt: not a JSON object")
+        cfg = read_model_json(meta)
         if cfg.get("format") == CLASSIFIER_FORMAT:
             return ClassifierModel.load(meta.parent, cfg)
     return EnsembleModel.load(Path(path))

@@ -19,7 +19,7 @@ from typing import Protocol, runtime_checkable
 
 import numpy as np
 
-__all__ = ["Predictor", "REGRESS", "CLASSIFY", "TASKS", "resolve_model_dir", "outputs_of"]
+__all__ = ["Predictor", "REGRESS", "CLASSIFY", "TASKS", "resolve_model_dir", "read_model_json", "outputs_of"]
 
 REGRESS = "regress"
 CLASSIFY = "classify"
@@ -58,3 +58,19 @@ def resolve_model_dir(path: str | os.PathLike) -> Path:
     (returned unchanged when neither holds one, so the caller's error names it)."""
     p = Path(path)
     return p / "model" if (p / "model" / "model.json").is_file() else p
+
+
+def read_model_json(meta: Path) -> dict:
+    """A model folder's ``model.json`` as a dict; one StimageError line when it is not UTF-8
+    JSON holding an object."""
+    import json
+
+    from data_pipelines.errors import StimageError
+
+    try:
+        cfg = json.loads(meta.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise StimageError(f"{meta} is corrupt: {e}") from None
+    if not isinstance(cfg, dict):
+        raise StimageError(f"{meta} is corrupt: not a JSON object")
+    return cfg

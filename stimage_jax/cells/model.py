@@ -79,13 +79,11 @@ class CellModel:
         if not meta.is_file():
             raise StimageError(f"{path} is not a trained cell model (no model.json); "
                                "train one with `stimage cells train --workdir ...`")
-        try:
-            cfg = json.loads(meta.read_text())
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise StimageError(f"{meta} is corrupt: {e}") from None
-        if not isinstance(cfg, dict) or cfg.get("format") != MODEL_FORMAT:
-            raise StimageError(f"{meta} has format {cfg.get('format') if isinstance(cfg, dict) else None!r}, "
-                               f"expected {MODEL_FORMAT!r}")
+        from export.runtime.predictor import read_model_json
+
+        cfg = read_model_json(meta)
+        if cfg.get("format") != MODEL_FORMAT:
+            raise StimageError(f"{meta} has format {cfg.get('format')!r}, expected {MODEL_FORMAT!r}")
         nt, names = cfg.get("num_types"), cfg.get("type_names")
         if not isinstance(cfg.get("backbone"), str) or cfg["backbone"] not in PRESETS or not (
                 isinstance(nt, int) and not isinstance(nt, bool) and 0 <= nt <= 64) or not (

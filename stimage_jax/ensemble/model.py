@@ -27,7 +27,7 @@ from flax import nnx
 
 from data_pipelines.errors import StimageError
 from data_pipelines.io import atomic_dir
-from export.runtime.predictor import REGRESS, resolve_model_dir
+from export.runtime.predictor import REGRESS, read_model_json, resolve_model_dir
 from stimage_jax import __version__
 from stimage_jax.features.registry import create_backbone
 from stimage_jax.nb.distribution import params_from_logits
@@ -278,13 +278,7 @@ class EnsembleModel:
         if not meta.is_file():
             raise StimageError(f"{model_dir} is not a trained model (no model.json); "
                                "train one with `stimage train --workdir ...`")
-        try:
-            raw = json.loads(meta.read_text())
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise StimageError(f"{meta} is corrupt: {e}") from None
-        if not isinstance(raw, dict):
-            raise StimageError(f"{meta} is corrupt: not a JSON object")
-        cfg = _upgrade(raw)
+        cfg = _upgrade(read_model_json(meta))
         if cfg.get("format") != MODEL_FORMAT:
             raise StimageError(f"{meta} has format {cfg.get('format')!r}, expected {MODEL_FORMAT!r}")
         _check_config(cfg, meta)
