@@ -16,14 +16,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from data_pipelines.errors import StimageError
-from export.runtime.predictor import CLASSIFY
+from export.runtime.lime import gene_forward_fn  # forward-only, JAX-free (moved; this path still works)
 
 __all__ = ["smoothgrad", "gene_mean_fn", "gene_forward_fn"]
-
-
-def _as_uint8(tiles) -> np.ndarray:
-    t = np.asarray(tiles)
-    return t if t.dtype == np.uint8 else np.clip(np.rint(t), 0, 255).astype(np.uint8)
 
 
 def _gene_index(model, gene: str) -> int:
@@ -32,20 +27,6 @@ def _gene_index(model, gene: str) -> int:
     if getattr(model, "embedding_sources", lambda: [])():
         raise StimageError("explanations need a model that reads tiles; this one reads precomputed embeddings")
     return model.genes.index(gene)
-
-
-def gene_forward_fn(model, gene: str) -> Callable:
-    """Forward only (LIME), for any :class:`~export.runtime.predictor.Predictor` (JAX or
-    ONNX): tiles (B, H, W, 3), rounded to uint8 as a tile file would be → (B,) NumPy
-    outputs — the members' mean NB mean of ``gene``, or P(high) for a classifier — through
-    the model's compiled batch path."""
-    g = _gene_index(model, gene)
-
-    def fn(tiles):
-        t = _as_uint8(tiles)
-        out = model.params(t, batch_size=len(t), progress=False)
-        return out["p_high"][:, g] if model.task == CLASSIFY else np.asarray(out["mu"])[:, :, g].mean(0)
-    return fn
 
 
 def gene_mean_fn(model, gene: str) -> Callable:
