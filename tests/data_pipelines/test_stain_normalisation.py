@@ -279,15 +279,36 @@ def test_her2st_restained_section_is_brought_back(her2st_views):
 @pytest.mark.real_data
 @pytest.mark.parametrize("method", OD_METHODS)
 def test_her2st_agrees_with_staintools(method, her2st_views):
-    staintools = pytest.importorskip("staintools")  # optional extra: usually not installed
+    """staintools (the `stain` extra, with spams) as the reference implementation.
+
+    Stain vectors agree outright. The normalised tile agrees once staintools is given this
+    module's one documented difference, 99th-percentile concentrations over tissue pixels
+    (its own tissue locator) instead of every pixel: measured mean |Δ| 1.5 (Macenko) and
+    0.8 (Vahadane) grey levels. Plain staintools, whose maximum on the glass-rich section
+    template is lower, gives a lighter tile (measured 17 grey levels), as documented.
+    """
+    import staintools
+    from staintools.miscellaneous.get_concentrations import get_concentrations
+    from staintools.tissue_masks.luminosity_threshold_tissue_locator import LuminosityThresholdTissueLocator
+
+    standardise = staintools.LuminosityStandardizer.standardize
     template, _, crops = her2st_views
-    tile = crops[0]
     norm = staintools.StainNormalizer(method=method)
-    norm.fit(staintools.LuminosityStandardizer.standardize(tile))
-    ours = fit_stain(method, tile)
-    assert np.all(cosines(ours.stain_matrix, norm.stain_matrix_target) > 0.95)
+    norm.fit(standardise(crops[0]))
+    assert np.all(cosines(fit_stain(method, crops[0]).stain_matrix, norm.stain_matrix_target) > 0.98)
+    norm.fit(standardise(template))
     ref = fit_stain(method, template)
-    norm.fit(staintools.LuminosityStandardizer.standardize(template))
-    theirs = norm.transform(staintools.LuminosityStandardizer.standardize(crops[1]))
-    mine = apply_stain(ref, None, crops[1:2])[0]  # per tile, as staintools does
-    assert np.abs(mine.astype(int) - theirs).mean() < 10
+    assert np.all(cosines(ref.stain_matrix, norm.stain_matrix_target) > 0.99)
+    mine = apply_stain(ref, None, crops[1:2])[0].astype(np.float64)  # per tile, as staintools does
+    assert norm.transform(standardise(crops[1])).mean() > mine.mean() + 5
+
+    def tissue_max(img, stains):
+        c = get_concentrations(img, stains)
+        return c, np.percentile(c[LuminosityThresholdTissueLocator.get_tissue_mask(img).ravel()], 99, axis=0)
+
+    t, x = standardise(template), standardise(crops[1])
+    _, max_t = tissue_max(t, norm.stain_matrix_target)
+    c, max_x = tissue_max(x, norm.extractor.get_stain_matrix(x))
+    theirs = 255 * np.exp(-(c * (max_t / max_x)) @ norm.stain_matrix_target).reshape(x.shape)
+    np.testing.assert_allclose(ref.max_conc, max_t, rtol=0.03)
+    assert np.abs(mine - theirs).mean() < 3
