@@ -41,7 +41,11 @@ def check_hdf5_readable(path: str | Path, seconds: float | None = None, what: st
         return
     seconds = float(os.environ.get("STIMAGE_HDF5_CHECK_SECONDS", 5)) if seconds is None else seconds
     r, w = os.pipe()
-    pid = os.fork()
+    with warnings.catch_warnings():
+        # JAX warns at every fork once it is initialised; this child only walks HDF5 metadata
+        # with h5py and leaves by os._exit, never touching JAX's threads or state.
+        warnings.filterwarnings("ignore", message=r"os\.fork\(\) was called", category=RuntimeWarning)
+        pid = os.fork()
     if pid == 0:  # the child: walk, report, leave without running any of the parent's cleanup
         code = 1
         try:
