@@ -23,7 +23,7 @@ from data_pipelines.errors import StimageError  # noqa: E402
 from data_pipelines.io import atomic_path  # noqa: E402
 
 __all__ = ["plot_spatial_genes", "plot_uncertainty_maps", "plot_calibration", "spatial_genes_figure",
-           "uncertainty_maps_figure", "calibration_figure", "png_bytes"]
+           "uncertainty_maps_figure", "calibration_figure", "he_overlay_figure", "he_thumbnail", "png_bytes"]
 
 
 def _col(a, g):
@@ -166,3 +166,65 @@ def calibration_figure(table) -> Figure:
 def plot_calibration(table, path: str | os.PathLike, *, overwrite: bool = True) -> Path:
     """:func:`calibration_figure` written atomically as a PNG."""
     return _save(calibration_figure(table), path, overwrite)
+
+
+def he_thumbnail(adata, max_side: int = 1600) -> tuple[np.ndarray, float]:
+    """The sample's H&E as an RGB array of at most ``max_side`` px and the scale from the
+    AnnData's full-resolution pixels (``obsm["spatial"]``) to it.
+
+    The image is the one ``uns["spatial"][lib]["metadata"]["image_path"]`` names, opened
+    lazily (a whole-slide TIFF is read at a pyramid level, never whole).
+    """
+    from data_pipelines.wsi import open_slide
+
+    libs = adata.uns.get(keys.SPATIAL_UNS, {})
+    if len(libs) != 1:
+        raise StimageError(f"an H&E overlay needs one sample's image, found {len(libs)} in uns['spatial']")
+    meta = next(iter(libs.values())).get("metadata", {})
+    path = meta.get(keys.IMAGE_PATH)
+    if not path:
+        raise StimageError("no H&E image path in uns['spatial'][lib]['metadata']")
+    slide = open_slide(path, mpp=float(meta.get(keys.MPP, 1.0)))
+    img, thumb_scale = slide.thumbnail(max_side)
+    return img, float(meta.get(keys.IMAGE_SCALE, 1.0)) * thumb_scale
+
+
+def he_overlay_figure(pred, truth, genes, image: np.ndarray, scale: float, *, alpha: float = 0.75) -> Figure:
+    """One row per gene over the H&E: observed counts, predicted mean (ensemble) and
+    epistemic SD (√var_epistemic: where the members disagree), each spot a disc of its real
+    diameter. ``image`` RGB (h, w, 3) and ``scale`` = image px per full-resolution px
+    (:func:`he_thumbnail`). Spots and genes are aligned by ``match_prediction``.
+    """
+    from matplotlib.collections import EllipseCollection
+
+    from stimage_jax.metrics import match_prediction
+
+    genes = list(genes)
+    if keys.VAR_EPISTEMIC not in pred.layers:
+        raise StimageError("prediction has no var_epistemic layer (an ensemble prediction from stimage predict?)")
+    pred, truth, genes, missing = match_prediction(pred, truth, genes)
+    if missing:
+        raise StimageError(f"cannot plot gene(s) absent from the truth: {', '.join(missing)}")
+    xy = np.asarray(truth.obsm[keys.SPATIAL], np.float64) * scale
+    lib = next(iter(truth.uns.get(keys.SPATIAL_UNS, {"": {}}).values()), {})
+    diameter = float(lib.get("scalefactors", {}).get(keys.SPOT_DIAMETER_FULLRES, 20.0 / max(scale, 1e-9))) * scale
+    pad = diameter * 1.5
+    x0, x1 = max(xy[:, 0].min() - pad, 0), min(xy[:, 0].max() + pad, image.shape[1])
+    y0, y1 = max(xy[:, 1].min() - pad, 0), min(xy[:, 1].max() + pad, image.shape[0])
+    fig, axes = plt.subplots(len(genes), 3, figsize=(12, 4.2 * len(genes)), squeeze=False)
+    for i, g in enumerate(genes):
+        p = pred[:, g]
+        panels = (("observed counts", _col(truth, g), "viridis"), ("predicted mean", _col(pred, g), "viridis"),
+                  ("epistemic SD", np.sqrt(np.clip(_layer(p, keys.VAR_EPISTEMIC), 0, None)), "magma"))
+        for ax, (label, v, cmap) in zip(axes[i], panels):
+            ax.imshow(image)
+            coll = EllipseCollection(diameter, diameter, 0.0, units="xy", offsets=xy, offset_transform=ax.transData,
+                                     cmap=cmap, alpha=alpha, edgecolors="none")
+            coll.set_array(v)
+            ax.add_collection(coll)
+            ax.set_xlim(x0, x1), ax.set_ylim(y1, y0)
+            ax.set_title(f"{g} {label}")
+            ax.set_xticks([]), ax.set_yticks([])
+            fig.colorbar(coll, ax=ax, shrink=0.7)
+    fig.tight_layout()
+    return fig
