@@ -107,8 +107,11 @@ def atomic_path(path: str | os.PathLike, overwrite: bool = True) -> Iterator[Pat
 
 
 def write_h5ad(adata, path: str | os.PathLike, overwrite: bool = False) -> Path:
-    """Write ``adata`` atomically (compressed) and return the final path."""
-    with atomic_path(path, overwrite=overwrite) as tmp:
+    """Write ``adata`` atomically (compressed) and return the final path; scanpy/squidpy-ready
+    (images, scale factors, image paths relative to the file: :func:`data_pipelines.scverse.scverse_ready`)."""
+    from data_pipelines.scverse import scverse_ready
+
+    with atomic_path(path, overwrite=overwrite) as tmp, scverse_ready(adata, path):
         adata.write_h5ad(tmp, compression="gzip")
     return Path(path)
 

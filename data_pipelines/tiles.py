@@ -194,7 +194,8 @@ def load_image(path: str | os.PathLike) -> np.ndarray:
     decoded with IMREAD_UNCHANGED, which ignores an EXIF orientation tag.
     """
     if not path or not Path(path).is_file():
-        raise StimageError(f"image {path or '(none recorded)'} not found; tiles need the H&E image")
+        raise StimageError(f"image {path or '(none recorded)'} not found; tiles need the H&E image "
+                           "(if the files moved, pass --image-root DIR or set STIMAGE_IMAGE_ROOT)")
     w, h, alpha = image_header(path)
     cap = max_image_pixels()
     if w * h > cap:

@@ -86,16 +86,38 @@ def check_hdf5_readable(path: str | Path, seconds: float | None = None, what: st
 
 
 def read_anndata(path: str | Path, what: str = "data file") -> ad.AnnData:
-    """``anndata.read_h5ad`` behind :func:`check_hdf5_readable`, any failure one StimageError line."""
+    """``anndata.read_h5ad`` behind :func:`check_hdf5_readable`, any failure one StimageError line.
+
+    A ``.zarr`` folder is read too: a SpatialData store through
+    :func:`data_pipelines.spatialdata_io.read_spatialdata` (its table, spots from its circles),
+    else an AnnData zarr. Image references stored relative to the file are made absolute
+    (:func:`data_pipelines.scverse.resolve_image_paths`; ``$STIMAGE_IMAGE_ROOT`` re-points them).
+    """
+    from data_pipelines.scverse import resolve_image_paths
+
     path = Path(path)
+    if path.suffix == ".zarr" and path.is_dir():
+        from data_pipelines.spatialdata_io import is_spatialdata, read_spatialdata
+
+        if is_spatialdata(path):
+            return read_spatialdata(path, what)
+        try:
+            adata = ad.read_zarr(path)
+        except Exception as e:  # zarr/anndata raise many types on a damaged store
+            first = str(e).splitlines()[0][:120] if str(e) else ""
+            raise StimageError(f"{what} {path} is not a readable AnnData .zarr ({type(e).__name__}: {first})") from None
+        resolve_image_paths(adata, path)
+        return adata
     if not path.is_file():
         raise StimageError(f"{what} {path} not found")
     check_hdf5_readable(path, what=what)
     try:
-        return ad.read_h5ad(path)
+        adata = ad.read_h5ad(path)
     except Exception as e:  # h5py/anndata raise many types on a corrupt file
         first = str(e).splitlines()[0][:120] if str(e) else ""
         raise StimageError(f"{what} {path} is not a readable .h5ad ({type(e).__name__}: {first})") from None
+    resolve_image_paths(adata, path)
+    return adata
 
 
 def validate_counts(adata: ad.AnnData, where: str = "data") -> ad.AnnData:

@@ -1,0 +1,202 @@
+"""AnnData that scanpy and squidpy plot as they are, with image references that survive a move.
+
+Space Ranger-derived AnnData (``scanpy.read_visium``, ``squidpy.read.visium``) carries, per
+library, ``uns["spatial"][lib]["images"]`` = ``{"hires": ≤ 2,000 px, "lowres": ≤ 600 px}`` RGB
+arrays and ``uns["spatial"][lib]["scalefactors"]`` = ``tissue_hires_scalef``,
+``tissue_lowres_scalef`` (image px per full-resolution px) and ``spot_diameter_fullres``;
+``sc.pl.spatial`` and ``squidpy.pl.spatial_scatter`` need exactly these. :func:`add_images`
+builds them from the H&E each library references, and every ``.h5ad`` the project writes
+gets them through :func:`scverse_ready` (called by :func:`data_pipelines.io.write_h5ad`).
+
+Image references: ``uns["spatial"][lib]["metadata"]["image_path"]`` is stored *relative to
+the .h5ad* when the image lies beside or below it (:func:`portable_paths`) and made absolute
+again when the file is read (:func:`resolve_image_paths`), against ``$STIMAGE_IMAGE_ROOT``
+(``--image-root``) when set, else the .h5ad's folder. Moving a folder that holds both the
+.h5ad and its images therefore keeps it usable. NumPy/OpenCV only (JAX-free).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import os
+from collections.abc import Iterator
+from pathlib import Path, PurePosixPath
+
+import numpy as np
+
+from data_pipelines import keys
+from data_pipelines.errors import StimageError
+
+__all__ = ["HIRES_MAX_PX", "LOWRES_MAX_PX", "IMAGE_ROOT_ENV", "add_images", "portable_paths",
+           "resolve_image_paths", "scverse_ready", "set_image_root", "image_root", "library_images"]
+
+HIRES_MAX_PX = 2000  # Space Ranger's tissue_hires_image.png: longer side 2,000 px
+LOWRES_MAX_PX = 600  # Space Ranger's tissue_lowres_image.png: longer side 600 px
+IMAGE_ROOT_ENV = "STIMAGE_IMAGE_ROOT"
+HIRES_SCALEF = "tissue_hires_scalef"
+LOWRES_SCALEF = "tissue_lowres_scalef"
+
+
+def image_root() -> Path | None:
+    """``$STIMAGE_IMAGE_ROOT`` as a folder, or None when unset/empty."""
+    raw = os.environ.get(IMAGE_ROOT_ENV, "").strip()
+    return Path(raw) if raw else None
+
+
+def set_image_root(path: str | os.PathLike | None) -> None:
+    """``--image-root DIR``: re-point relative (and moved absolute) image references to ``DIR``
+    for this process and the processes it starts (through ``$STIMAGE_IMAGE_ROOT``)."""
+    if path is None:
+        return
+    p = Path(path)
+    if not p.is_dir():
+        raise StimageError(f"--image-root {p} is not a folder")
+    os.environ[IMAGE_ROOT_ENV] = str(p.resolve())
+
+
+def _libraries(adata) -> dict:
+    sp = adata.uns.get(keys.SPATIAL_UNS)
+    return sp if isinstance(sp, dict) else {}
+
+
+def _meta(entry) -> dict:
+    meta = entry.get("metadata") if isinstance(entry, dict) else None
+    return meta if isinstance(meta, dict) else {}
+
+
+def _shrink(img: np.ndarray, max_side: int) -> tuple[np.ndarray, float]:
+    """(image with longer side ≤ max_side, its px per input px); area averaging as Space Ranger."""
+    import cv2
+
+    h, w = img.shape[:2]
+    f = min(1.0, max_side / max(h, w))
+    if f >= 1.0:
+        return np.ascontiguousarray(img), 1.0
+    tw, th = max(1, round(w * f)), max(1, round(h * f))
+    out = cv2.resize(np.ascontiguousarray(img), (tw, th), interpolation=cv2.INTER_AREA)
+    return out, tw / w
+
+
+def library_images(image_path: str | os.PathLike, image_scale: float = 1.0) -> tuple[dict, dict]:
+    """``({"hires", "lowres"}, {tissue_hires_scalef, tissue_lowres_scalef})`` of one H&E.
+
+    ``image_scale`` is image-file px per full-resolution px (Visium's hires PNG used as the
+    image has ``tissue_hires_scalef``), so the scale factors map ``obsm["spatial"]``
+    (full-resolution px) onto the arrays, as Space Ranger's do. A whole-slide TIFF/SVS is
+    read level by level (never decoded whole) by :func:`data_pipelines.wsi.open_slide`.
+    hires/lowres: (h, w, 3) uint8.
+    """
+    from data_pipelines.wsi import open_slide
+
+    slide = open_slide(image_path, mpp=1.0)  # mpp unused here: only pixels are read
+    hires, f_hi = slide.thumbnail(HIRES_MAX_PX)
+    hires = np.ascontiguousarray(hires[..., :3], dtype=np.uint8)
+    lowres, f_lo = _shrink(hires, LOWRES_MAX_PX)
+    return ({"hires": hires, "lowres": lowres},
+            {HIRES_SCALEF: float(f_hi * image_scale), LOWRES_SCALEF: float(f_hi * f_lo * image_scale)})
+
+
+def add_images(adata, *, force: bool = False):
+    """Give every library of ``adata`` whose H&E exists the scverse images and scale factors
+    (in place; returns ``adata``). Libraries that already have both images are left alone
+    unless ``force``; libraries without an image file are skipped (nothing to draw).
+
+    ``spot_diameter_fullres`` (full-resolution px) is kept when present, else computed from
+    the library's (or ``uns["stimage"]``'s) spot diameter in µm and mpp.
+    """
+    top = adata.uns.get(keys.STIMAGE_UNS, {}) if isinstance(adata.uns.get(keys.STIMAGE_UNS), dict) else {}
+    for lib, entry in _libraries(adata).items():
+        if not isinstance(entry, dict):
+            continue
+        images = entry.get("images")
+        if not force and isinstance(images, dict) and "hires" in images and "lowres" in images:
+            continue
+        meta = _meta(entry)
+        path = meta.get(keys.IMAGE_PATH)
+        if not path or not Path(str(path)).is_file():
+            continue
+        scale = float(meta.get(keys.IMAGE_SCALE, top.get(keys.IMAGE_SCALE, 1.0)) or 1.0)
+        imgs, sf = library_images(str(path), scale)
+        factors = dict(entry.get("scalefactors") or {})
+        factors.update(sf)
+        if keys.SPOT_DIAMETER_FULLRES not in factors:
+            um = meta.get(keys.SPOT_DIAMETER_UM, top.get(keys.SPOT_DIAMETER_UM))
+            mpp = meta.get(keys.MPP, top.get(keys.MPP))
+            if um and mpp:
+                factors[keys.SPOT_DIAMETER_FULLRES] = float(um) / float(mpp)
+        entry["images"] = imgs
+        entry["scalefactors"] = factors
+    return adata
+
+
+def _is_below(path: Path, folder: Path) -> bool:
+    try:
+        path.relative_to(folder)
+        return True
+    except ValueError:
+        return False
+
+
+def portable_paths(adata, out_path: str | os.PathLike) -> None:
+    """Store each library's absolute ``image_path`` relative to ``out_path``'s folder when the
+    image lies beside or below it (POSIX separators, so the file moves between systems);
+    other paths stay absolute. In place."""
+    folder = Path(out_path).resolve().parent
+    for entry in _libraries(adata).values():
+        meta = _meta(entry)
+        p = meta.get(keys.IMAGE_PATH)
+        if not p or not Path(str(p)).is_absolute():
+            continue
+        p = Path(str(p)).resolve()
+        if _is_below(p, folder):
+            meta[keys.IMAGE_PATH] = PurePosixPath(*p.relative_to(folder).parts).as_posix()
+
+
+def resolve_image_paths(adata, source: str | os.PathLike) -> None:
+    """Undo :func:`portable_paths` after reading ``source``: a relative ``image_path`` is joined
+    to ``$STIMAGE_IMAGE_ROOT`` when set, else to ``source``'s folder; an absolute one that no
+    longer exists is looked up by name under ``$STIMAGE_IMAGE_ROOT``. In place. A reference
+    that still names no file is left as the absolute path it resolves to: tiling then says
+    the image is missing and how to re-point it."""
+    root = image_root()
+    base = root if root is not None else Path(source).resolve().parent
+    for entry in _libraries(adata).values():
+        meta = _meta(entry)
+        p = meta.get(keys.IMAGE_PATH)
+        if not p:
+            continue
+        p = Path(str(p))
+        if not p.is_absolute():
+            meta[keys.IMAGE_PATH] = str((base / p).resolve())
+        elif root is not None and not p.is_file():
+            for cand in (root / p.name, root / p.parent.name / p.name):
+                if cand.is_file():
+                    meta[keys.IMAGE_PATH] = str(cand.resolve())
+                    break
+
+
+@contextlib.contextmanager
+def scverse_ready(adata, out_path: str | os.PathLike) -> Iterator[None]:
+    """While writing ``adata`` to ``out_path``: images and scale factors added, image paths
+    portable; afterwards ``adata.uns`` is exactly what it was (the caller's object is not
+    changed by writing it)."""
+    if not _libraries(adata):
+        yield
+        return
+    saved = adata.uns[keys.SPATIAL_UNS]
+    work = {}
+    for lib, entry in saved.items():  # copy the small dicts, share the (read-only) arrays
+        if isinstance(entry, dict):
+            e = {k: (copy.deepcopy(v) if k != "images" else dict(v) if isinstance(v, dict) else v)
+                 for k, v in entry.items()}
+        else:
+            e = entry
+        work[lib] = e
+    adata.uns[keys.SPATIAL_UNS] = work
+    try:
+        add_images(adata)
+        portable_paths(adata, out_path)
+        yield
+    finally:
+        adata.uns[keys.SPATIAL_UNS] = saved
