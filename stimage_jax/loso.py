@@ -7,7 +7,14 @@ with :func:`stimage_jax.metrics.evaluate` (per gene, per sample: never pooled). 
 - ``stimage``: the NB ensemble (``members`` seeds), mean of NB means;
 - ``stimage_single``: member 0 of that ensemble alone (a single NB model, same seed 0);
 - ``ridge``: HEST-Benchmark ridge on the same frozen features (:mod:`stimage_jax.baselines`);
-- ``mse``: a one-member MSE head on log1p counts (ST-Net-style point prediction).
+- ``mse``: a one-member MSE head on log1p counts (ST-Net-style point prediction);
+- spatial context and test-time augmentation (issue 21), each the same NB ensemble and
+  seeds on other features: ``stimage_ctx`` (own features + the mean of the ``context_k``
+  nearest spots' features of the same sample), ``stimage_tta`` (features averaged over
+  the 8 dihedral views of the tile), ``stimage_smooth`` (each member's NB mean smoothed
+  half-and-half with its neighbours' means, moments recomputed) and their combinations
+  ``stimage_ctx_smooth``, ``stimage_tta_ctx``, ``stimage_tta_ctx_smooth``. All are
+  image-only: nothing reads the held-out sample's expression.
 
 Outputs under ``workdir``: ``folds/<sample>/<method>.csv`` (one row per gene; a fold's
 files are written when it finishes, so a rerun resumes at the first missing one),
@@ -30,9 +37,13 @@ from data_pipelines.errors import StimageError
 from data_pipelines.io import atomic_path
 from stimage_jax.ensemble.train import TrainConfig
 
-__all__ = ["METHODS", "run_loso", "summary_markdown", "plot_boxplots"]
+__all__ = ["METHODS", "DEFAULT_METHODS", "CONTEXT_METHODS", "run_loso", "summary_markdown", "plot_boxplots"]
 
-METHODS = ("stimage", "stimage_single", "ridge", "mse")
+DEFAULT_METHODS = ("stimage", "stimage_single", "ridge", "mse")
+CONTEXT_METHODS = ("stimage_smooth", "stimage_ctx", "stimage_ctx_smooth", "stimage_tta", "stimage_tta_ctx",
+                   "stimage_tta_ctx_smooth")
+METHODS = DEFAULT_METHODS + CONTEXT_METHODS
+VARIANT_KEY = "stimage_variant_features"  # obsm key of a variant's features (an embedding source)
 log = logging.getLogger("stimage")
 
 
@@ -43,8 +54,82 @@ def _point_prediction(truth: ad.AnnData, mean: np.ndarray, genes, method: str) -
     return build_prediction(truth, mu, np.full_like(mu, np.inf), genes, {"method": method}, keep_members=False)
 
 
+def _variant_features(model, adatas: list, *, tta: bool, ctx: bool, context_k: int, cache: Path,
+                      progress: bool) -> list[np.ndarray]:
+    """Per-sample features of the base model's frozen backbone, TTA-averaged over the 8
+    dihedral views and/or with the neighbours' mean appended."""
+    from data_pipelines import keys
+    from data_pipelines.tiles import spot_tiles
+    from export.runtime.context import context_features, neighbour_index
+    from stimage_jax.features.tta import tta_features
+    from stimage_jax.pipeline import _sample_id, sample_features, tiles_digest
+
+    src = model.sources[0]
+    backbone = model.backbones[src["name"]]
+    geometry = {"backbone": src["backbone"], "tile_um": model.config["tile_um"], "tile_px": model.config["tile_px"]}
+    out = []
+    for a in adatas:
+        if tta:
+            tiles = spot_tiles(a, tile_um=geometry["tile_um"], tile_px=geometry["tile_px"], cache_dir=cache / "tiles",
+                               progress=progress, stain=model.stain)
+            stem = cache / "features" / (f"{_sample_id(a)}__{src['backbone']}__{src['weights_fingerprint']}__"
+                                         f"{tiles_digest(tiles)}")
+            f = tta_features(backbone, tiles, 8, stem, progress=progress, desc=f"features {_sample_id(a)}")
+        else:
+            f = sample_features(backbone, [a], geometry, src["weights_fingerprint"], cache, progress=progress,
+                                stain=model.stain)[0]
+        if ctx:
+            f = context_features(f, neighbour_index(a.obsm[keys.SPATIAL], a.obs[keys.SAMPLE].astype(str).to_numpy(),
+                                                    context_k))
+        out.append(f)
+    return out
+
+
+def _smoothed(pred: ad.AnnData, truth: ad.AnnData, genes, context_k: int, alpha: float, method: str) -> ad.AnnData:
+    """The prediction's members smoothed towards their neighbours (see export.runtime.context)."""
+    from data_pipelines import keys
+    from export.runtime.context import neighbour_index, smooth_members
+    from export.runtime.prediction import build_prediction
+
+    mu = np.transpose(np.asarray(pred.obsm[keys.MEMBER_MU]), (1, 0, 2))  # (spots, M, G) → (M, spots, G)
+    r = np.transpose(np.asarray(pred.obsm[keys.MEMBER_R]), (1, 0, 2))
+    idx = neighbour_index(truth.obsm[keys.SPATIAL], truth.obs[keys.SAMPLE].astype(str).to_numpy(), context_k)
+    return build_prediction(truth, smooth_members(mu, idx, alpha), r, genes,
+                            {"method": method, "smooth_alpha": alpha, "context_k": context_k})
+
+
+def _context_methods(model, train_ads, truth, wd: Path, methods, common: dict, *, members, config, context_k,
+                     smooth, cache, progress, base_pred) -> dict[str, pd.DataFrame]:
+    from stimage_jax.metrics import evaluate
+    from stimage_jax.pipeline import predict, train
+
+    out = {}
+    if "stimage_smooth" in methods:
+        out["stimage_smooth"] = evaluate(_smoothed(base_pred, truth, model.genes, context_k, smooth,
+                                                   "stimage_smooth"), truth)[0]
+    variants = {(("tta" in m), ("ctx" in m)) for m in methods if m in CONTEXT_METHODS and m != "stimage_smooth"}
+    for tta, ctx in sorted(variants):
+        name = "stimage" + ("_tta" if tta else "") + ("_ctx" if ctx else "")
+        feats = _variant_features(model, [*train_ads, truth], tta=tta, ctx=ctx, context_k=context_k, cache=cache,
+                                  progress=progress)
+        ads = []
+        for a, f in zip([*train_ads, truth], feats):
+            a = a.copy()
+            a.obsm[VARIANT_KEY] = f
+            ads.append(a)
+        opts = {**common, "backbone": ""}
+        m_var = train(ads[:-1], wd / name, members=members, config=config, embeddings=VARIANT_KEY, **opts)
+        pred = predict(ads[-1], m_var, progress=False)
+        if name in methods:
+            out[name] = evaluate(pred, truth)[0]
+        if f"{name}_smooth" in methods:
+            out[f"{name}_smooth"] = evaluate(_smoothed(pred, truth, m_var.genes, context_k, smooth,
+                                                       f"{name}_smooth"), truth)[0]
+    return out
+
+
 def _fold(adatas: dict, test: str, wd: Path, methods, *, genes, backbone, members, config, tile_um, tile_px,
-          seed, progress, cache) -> dict[str, pd.DataFrame]:
+          seed, progress, cache, context_k: int = 6, smooth: float = 0.5) -> dict[str, pd.DataFrame]:
     from export.runtime.prediction import build_prediction
     from stimage_jax.baselines import apply_ridge, fit_ridge
     from stimage_jax.metrics import evaluate
@@ -55,7 +140,7 @@ def _fold(adatas: dict, test: str, wd: Path, methods, *, genes, backbone, member
     common = dict(genes=genes, backbone=backbone, tile_um=tile_um, tile_px=tile_px, seed=seed, progress=progress,
                   cache_dir=cache, min_coverage=0.0)  # tile QC was applied to every sample up front
     out = {}
-    need_nb = {"stimage", "stimage_single", "ridge"} & set(methods)
+    need_nb = {"stimage", "stimage_single", "ridge", *CONTEXT_METHODS} & set(methods)
     if need_nb:
         model = train(train_ads, wd / "stimage", members=members, config=config, **common)
         from stimage_jax.pipeline import sample_features
@@ -65,9 +150,13 @@ def _fold(adatas: dict, test: str, wd: Path, methods, *, genes, backbone, member
         f_test = sample_features(model.backbones[src["name"]], [truth], geometry, src["weights_fingerprint"],
                                  cache, progress=progress, stain=model.stain)[0]
         mu, r = model.member_params(None, features=f_test, progress=False)
+        pred = predict(truth, model, features=f_test, progress=False)
         if "stimage" in methods:
-            pred = predict(truth, model, features=f_test, progress=False)
             out["stimage"] = evaluate(pred, truth)[0]
+        if set(CONTEXT_METHODS) & set(methods):
+            out.update(_context_methods(model, train_ads, truth, wd, methods, common, members=members, config=config,
+                                        context_k=context_k, smooth=smooth, cache=cache, progress=progress,
+                                        base_pred=pred))
         if "stimage_single" in methods:
             single = build_prediction(truth, mu[:1], r[:1], model.genes, {"method": "stimage_single"})
             out["stimage_single"] = evaluate(single, truth)[0]
@@ -115,7 +204,8 @@ def _claim_benchmark(wd: Path, settings: dict, adatas: dict, overwrite: bool) ->
 def run_loso(data, workdir: str | os.PathLike, *, methods=METHODS, genes: str = "top-hvg:50",
              backbone: str = "efficientnet_lite0", members: int = 5, config: TrainConfig = TrainConfig(),
              tile_um: float | None = None, tile_px: int = 299, seed: int = 0, min_coverage: float = 0.7,
-             samples: list[str] | None = None, progress: bool = True, overwrite: bool = False) -> pd.DataFrame:
+             samples: list[str] | None = None, progress: bool = True, overwrite: bool = False,
+             context_k: int = 6, smooth: float = 0.5) -> pd.DataFrame:
     """Run every fold (resuming finished ones) → the table of all folds and methods.
 
     Finished folds are reused only when the workdir's ``request.json`` — the settings and
@@ -154,7 +244,9 @@ def run_loso(data, workdir: str | os.PathLike, *, methods=METHODS, genes: str = 
     wd = Path(workdir).absolute()
     _claim_benchmark(wd, {"genes": genes, "backbone": backbone, "members": members,
                           "train": dataclasses.asdict(config), "tile_um": tile_um, "tile_px": tile_px, "seed": seed,
-                          "min_coverage": min_coverage}, adatas, overwrite)
+                          "min_coverage": min_coverage,
+                          **({"context_k": context_k, "smooth": smooth} if set(CONTEXT_METHODS) & set(methods) else {})},
+                      adatas, overwrite)
     cache = wd / "cache"
     tables = []
     for i, test in enumerate(held):
@@ -163,7 +255,8 @@ def run_loso(data, workdir: str | os.PathLike, *, methods=METHODS, genes: str = 
         if not all(f.exists() for f in files.values()):
             log.info("fold %d/%d: holding out %s", i + 1, len(held), test)
             got = _fold(adatas, test, fold_dir, methods, genes=genes, backbone=backbone, members=members,
-                        config=config, tile_um=tile_um, tile_px=tile_px, seed=seed, progress=progress, cache=cache)
+                        config=config, tile_um=tile_um, tile_px=tile_px, seed=seed, progress=progress, cache=cache,
+                        context_k=context_k, smooth=smooth)
             for m, t in got.items():
                 with atomic_path(files[m]) as tmp:
                     t.to_csv(tmp, index=False)

@@ -19,14 +19,19 @@ def _protocol(text: str) -> str:
 
 def add_parser(sub, parents) -> None:
     from stimage_jax.ensemble.train import TrainConfig
-    from stimage_jax.loso import METHODS
+    from stimage_jax.loso import DEFAULT_METHODS, METHODS
 
     t = TrainConfig()
     b = sub.add_parser("benchmark", parents=list(parents),
                        help="leave-one-sample-out: STimage (ensemble, single), ridge and MSE on the same folds")
     b.add_argument("--data", nargs="+", required=True, help=".h5ad files, or one folder of them")
     b.add_argument("--protocol", default="loso", type=_protocol, help="loso (leave one sample out)")
-    b.add_argument("--methods", default=",".join(METHODS), help=f"comma separated, from {', '.join(METHODS)}")
+    b.add_argument("--methods", default=",".join(DEFAULT_METHODS),
+                   help=f"comma separated, from {', '.join(METHODS)} (default: {','.join(DEFAULT_METHODS)})")
+    b.add_argument("--context-k", type=positive_int, default=6,
+                   help="*_ctx / *_smooth methods: neighbours of a spot (nearest spots of its sample)")
+    b.add_argument("--smooth", type=unit_fraction, default=0.5,
+                   help="*_smooth methods: weight of the neighbours' mean in each member's NB mean")
     b.add_argument("--samples", help="hold out only these samples (default: each in turn)")
     b.add_argument("--workdir", required=True)
     b.add_argument("--genes", default="top-hvg:50", help="chosen per fold on its training samples")
@@ -54,7 +59,8 @@ def run(a) -> None:
     table = run_loso(data, a.workdir, methods=csv(a.methods), genes=a.genes, backbone=a.backbone,
                      members=a.members, config=TrainConfig(lr=a.lr, max_epochs=a.max_epochs, patience=a.patience),
                      tile_um=a.tile_um, tile_px=a.tile_px, seed=a.seed, min_coverage=a.min_coverage,
-                     samples=csv(a.samples) or None, progress=not quiet(a), overwrite=a.overwrite)
+                     samples=csv(a.samples) or None, progress=not quiet(a), overwrite=a.overwrite,
+                     context_k=a.context_k, smooth=a.smooth)
     for m, t in table.groupby("method", sort=False):
         s = summarise(t)
         print(f"{m}: mean PCC {s['mean_pcc']:.3f} over {t['fold'].nunique()} held-out sample(s), "

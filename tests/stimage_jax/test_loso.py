@@ -68,3 +68,40 @@ def test_loso_bad_input(extra, message, synthetic_study, tmp_path, capsys):
 def test_loso_needs_three_samples(synthetic_study, tmp_path, capsys):
     assert run("benchmark", "--data", *synthetic_study[:2], "--workdir", tmp_path / "w", *BENCH) == 2
     assert "at least 3 samples" in capsys.readouterr().err
+
+
+def test_loso_context_methods_on_identical_folds(synthetic_study, tmp_path, capsys):
+    """Context, TTA and smoothing run on the same folds; the smoothed method's CSV equals
+    smoothing the ensemble's members by hand (brute-force neighbours) and re-scoring."""
+    import anndata as ad
+    from scipy.spatial.distance import cdist
+
+    from data_pipelines import keys
+    from export.runtime.prediction import build_prediction
+    from stimage_jax.ensemble.model import EnsembleModel
+    from stimage_jax.metrics import evaluate
+    from stimage_jax.pipeline import predict
+
+    wd = tmp_path / "bench"
+    methods = "stimage,stimage_smooth,stimage_ctx,stimage_tta_ctx_smooth"
+    assert run("benchmark", "--data", *synthetic_study, "--workdir", wd, *BENCH, "--methods", methods,
+               "--samples", "s2", "--context-k", "4", "--smooth", "0.5") == 0
+    table = pd.read_csv(wd / "metrics.csv")
+    assert list(dict.fromkeys(table["method"])) == methods.split(",")
+    assert (table.groupby("method").size() == 3).all()
+    ab = table[table["gene"].isin(["A", "B"])]
+    assert (ab.groupby("method")["pcc"].mean() > 0.5).all(), ab.groupby("method")["pcc"].mean()
+
+    truth = ad.read_h5ad(synthetic_study[2])
+    model = EnsembleModel.load(wd / "folds" / "s2" / "stimage")
+    pred = predict(truth, model, progress=False)
+    mu = np.transpose(np.asarray(pred.obsm[keys.MEMBER_MU]), (1, 0, 2))
+    r = np.transpose(np.asarray(pred.obsm[keys.MEMBER_R]), (1, 0, 2))
+    d = cdist(truth.obsm[keys.SPATIAL], truth.obsm[keys.SPATIAL])
+    np.fill_diagonal(d, np.inf)
+    nn = np.argsort(d, axis=1, kind="stable")[:, :4]
+    smoothed = 0.5 * mu + 0.5 * mu[:, nn].mean(2)
+    direct = evaluate(build_prediction(truth, smoothed, r, model.genes, {}), truth)[0]
+    got = table[table["method"] == "stimage_smooth"]
+    np.testing.assert_allclose(got["pcc"].to_numpy(), direct["pcc"].to_numpy(), rtol=1e-4)
+    np.testing.assert_allclose(got["pit_coverage"].to_numpy(), direct["pit_coverage"].to_numpy(), rtol=1e-4)

@@ -1,0 +1,93 @@
+"""Spatial context for spot predictions, in NumPy (shared by the JAX side and every runtime).
+
+Expression is spatially smooth and the tissue around a spot carries signal its own tile
+lacks (TRIPLEX, Hist2ST). Three image-only uses of the neighbourhood, none of which looks at
+the held-out section's expression:
+
+- :func:`neighbour_index`: the K nearest spots of each spot *within its own sample*
+  (Euclidean on ``obsm["spatial"]``; on a Visium/ST grid the nearest are the grid
+  neighbours);
+- :func:`context_features`: ``[own features, mean of the K neighbours' features]`` — the
+  NB head then sees the tile and its surroundings;
+- :func:`smooth_members`: post hoc, per member, ``μ ← (1 − α)·μ_own + α·mean(μ_neighbours)``
+  on the NB mean; the NB shape ``r`` is kept, so the mixture moments and the interval are
+  recomputed from the smoothed members (honest: epistemic variance is the spread of the
+  smoothed member means, aleatoric follows each member's smoothed mean).
+- :func:`dihedral`: the 8 flips/rotations of a tile stack, for test-time augmentation.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from data_pipelines.errors import StimageError
+
+__all__ = ["neighbour_index", "pool_neighbours", "context_features", "smooth_members", "dihedral", "DIHEDRAL"]
+
+DIHEDRAL = 8
+
+
+def neighbour_index(xy: np.ndarray, samples, k: int) -> np.ndarray:
+    """(N, K) int64: for each spot the indices (into the N spots) of its K nearest spots of
+    the same sample, nearest first, itself excluded. A sample with at most K spots lends
+    each spot all the others, padded by repeating the nearest (a lone spot is its own
+    neighbour). xy: (N, 2) coordinates; samples: (N,) labels."""
+    from scipy.spatial import cKDTree
+
+    xy = np.asarray(xy, np.float64)
+    if xy.ndim != 2 or xy.shape[1] != 2 or not np.isfinite(xy).all():
+        raise StimageError(f"neighbour context needs finite (N, 2) spot coordinates, got shape {xy.shape}")
+    if k < 1:
+        raise StimageError(f"neighbour context needs K >= 1, got {k}")
+    samples = np.asarray(samples)
+    out = np.empty((len(xy), k), np.int64)
+    for s in np.unique(samples):
+        rows = np.flatnonzero(samples == s)
+        if len(rows) == 1:
+            out[rows] = rows[0]
+            continue
+        # Extra candidates so that ties (equidistant grid neighbours) are broken the same way
+        # everywhere — by the lower spot index — not by the KD-tree's traversal order.
+        kk = min(k + 9, len(rows))
+        dist, cand = cKDTree(xy[rows]).query(xy[rows], k=kk)
+        cand = np.where(cand == np.arange(len(rows))[:, None], -1, cand)  # the spot itself
+        dist = np.where(cand < 0, np.inf, np.round(dist, 6))
+        order = np.lexsort((cand, dist), axis=1)
+        nn = np.take_along_axis(cand, order, axis=1)[:, :min(k, len(rows) - 1)]
+        if nn.shape[1] < k:
+            nn = np.concatenate([nn, np.repeat(nn[:, :1], k - nn.shape[1], axis=1)], axis=1)
+        out[rows] = rows[nn]
+    return out
+
+
+def pool_neighbours(values: np.ndarray, idx: np.ndarray) -> np.ndarray:
+    """Mean over each spot's neighbours: values (N, ...) and idx (N, K) → (N, ...)."""
+    values = np.asarray(values)
+    return values[idx].mean(axis=1, dtype=np.float64).astype(values.dtype, copy=False)
+
+
+def context_features(features: np.ndarray, idx: np.ndarray) -> np.ndarray:
+    """(N, D) features and (N, K) neighbours → (N, 2D) ``[own, mean of neighbours]``."""
+    features = np.asarray(features)
+    return np.concatenate([features, pool_neighbours(features, idx)], axis=1)
+
+
+def smooth_members(member_mu: np.ndarray, idx: np.ndarray, alpha: float) -> np.ndarray:
+    """(M, N, G) member NB means → the same smoothed towards the neighbours' means:
+    ``(1 − α)·own + α·mean over idx``. α = 0 returns the input unchanged."""
+    if not (0.0 <= alpha <= 1.0):
+        raise StimageError(f"smoothing weight alpha must be in [0, 1], got {alpha}")
+    mu = np.asarray(member_mu)
+    if alpha == 0.0:
+        return mu
+    neigh = mu[:, idx].mean(axis=2, dtype=np.float64)  # (M, N, K, G) → (M, N, G)
+    return ((1.0 - alpha) * mu + alpha * neigh).astype(mu.dtype, copy=False)
+
+
+def dihedral(tiles: np.ndarray, t: int) -> np.ndarray:
+    """View ``t`` (0..7) of (N, H, W, C) tiles: rot90 by ``t % 4``, then a horizontal flip
+    when ``t >= 4``. View 0 is the identity."""
+    if not 0 <= t < DIHEDRAL:
+        raise StimageError(f"dihedral view must be in 0..7, got {t}")
+    out = np.rot90(np.asarray(tiles), k=t % 4, axes=(1, 2))
+    return np.ascontiguousarray(out[:, :, ::-1] if t >= 4 else out)
