@@ -11,7 +11,7 @@ __all__ = [
     "SAMPLE", "ARRAY_ROW", "ARRAY_COL", "SPATIAL", "SPATIAL_UNS", "STIMAGE_UNS",
     "MPP", "SPOT_DIAMETER_UM", "IMAGE_PATH", "LABEL", "TILE_BORDER_FRAC", "TISSUE_COVERAGE",
     "VAR_ALEATORIC", "VAR_EPISTEMIC", "Q_LO", "Q_HI", "MEMBER_MEAN", "MEMBER_MU", "MEMBER_R", "P_HIGH",
-    "SPOT_DIAMETER_FULLRES", "IMAGE_SCALE", "LIBRARY_ID", "PLATFORM", "DROPPED", "PREDICTION",
+    "SPOT_DIAMETER_FULLRES", "IMAGE_SCALE", "IMAGE_BASE", "IMAGES", "HIRES_SCALEF", "LOWRES_SCALEF", "LIBRARY_ID", "PLATFORM", "DROPPED", "PREDICTION",
 ]
 
 # obs
@@ -28,7 +28,11 @@ SPATIAL = "spatial"                  # full-resolution image pixel (x, y), float
 # uns
 SPATIAL_UNS = "spatial"              # uns["spatial"][library_id] = {"scalefactors":..., "metadata":...}
 SPOT_DIAMETER_FULLRES = "spot_diameter_fullres"
-IMAGE_PATH = "image_path"            # uns["spatial"][lib]["metadata"]["image_path"]
+IMAGE_PATH = "image_path"            # uns["spatial"][lib]["metadata"]["image_path"]; relative to the file
+IMAGE_BASE = "image_base"            # ... or, when this says "image_root", to $STIMAGE_IMAGE_ROOT (--image-root)
+IMAGES = "images"                    # uns["spatial"][lib]["images"]: {"hires", "lowres"} RGB uint8 (scanpy/squidpy)
+HIRES_SCALEF = "tissue_hires_scalef"  # scalefactors: hires image px per full-resolution px
+LOWRES_SCALEF = "tissue_lowres_scalef"  # scalefactors: lowres image px per full-resolution px
 STIMAGE_UNS = "stimage"              # uns["stimage"]: mpp, spot_diameter_um, provenance
 MPP = "mpp"                          # µm per full-resolution pixel
 SPOT_DIAMETER_UM = "spot_diameter_um"

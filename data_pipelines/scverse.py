@@ -34,8 +34,10 @@ __all__ = ["HIRES_MAX_PX", "LOWRES_MAX_PX", "IMAGE_ROOT_ENV", "add_images", "por
 HIRES_MAX_PX = 2000  # Space Ranger's tissue_hires_image.png: longer side 2,000 px
 LOWRES_MAX_PX = 600  # Space Ranger's tissue_lowres_image.png: longer side 600 px
 IMAGE_ROOT_ENV = "STIMAGE_IMAGE_ROOT"
-HIRES_SCALEF = "tissue_hires_scalef"
-LOWRES_SCALEF = "tissue_lowres_scalef"
+HIRES_SCALEF = keys.HIRES_SCALEF
+LOWRES_SCALEF = keys.LOWRES_SCALEF
+IMAGE_BASE = keys.IMAGE_BASE         # metadata: what a relative image_path is relative to
+IMAGE_BASE_FILE, IMAGE_BASE_ROOT = "file", "image_root"
 
 
 def image_root() -> Path | None:
@@ -109,7 +111,7 @@ def add_images(adata, *, force: bool = False):
     for lib, entry in _libraries(adata).items():
         if not isinstance(entry, dict):
             continue
-        images = entry.get("images")
+        images = entry.get(keys.IMAGES)
         if not force and isinstance(images, dict) and "hires" in images and "lowres" in images:
             continue
         meta = _meta(entry)
@@ -125,7 +127,7 @@ def add_images(adata, *, force: bool = False):
             mpp = meta.get(keys.MPP, top.get(keys.MPP))
             if um and mpp:
                 factors[keys.SPOT_DIAMETER_FULLRES] = float(um) / float(mpp)
-        entry["images"] = imgs
+        entry[keys.IMAGES] = imgs
         entry["scalefactors"] = factors
     return adata
 
@@ -140,27 +142,33 @@ def _is_below(path: Path, folder: Path) -> bool:
 
 def portable_paths(adata, out_path: str | os.PathLike) -> None:
     """Store each library's absolute ``image_path`` relative to ``out_path``'s folder when the
-    image lies beside or below it (POSIX separators, so the file moves between systems);
-    other paths stay absolute. In place."""
+    image lies beside or below it, else relative to ``$STIMAGE_IMAGE_ROOT`` (``--image-root``)
+    when set and the image lies below it (``metadata["image_base"] = "image_root"``); other
+    paths stay absolute. POSIX separators, so the file moves between systems. In place."""
     folder = Path(out_path).resolve().parent
+    root = image_root()
     for entry in _libraries(adata).values():
         meta = _meta(entry)
         p = meta.get(keys.IMAGE_PATH)
         if not p or not Path(str(p)).is_absolute():
             continue
         p = Path(str(p)).resolve()
-        if _is_below(p, folder):
-            meta[keys.IMAGE_PATH] = PurePosixPath(*p.relative_to(folder).parts).as_posix()
+        for base, tag in ((folder, IMAGE_BASE_FILE), (root.resolve() if root else None, IMAGE_BASE_ROOT)):
+            if base is not None and _is_below(p, base):
+                meta[keys.IMAGE_PATH] = PurePosixPath(*p.relative_to(base).parts).as_posix()
+                meta[IMAGE_BASE] = tag
+                break
 
 
 def resolve_image_paths(adata, source: str | os.PathLike) -> None:
     """Undo :func:`portable_paths` after reading ``source``: a relative ``image_path`` is joined
-    to ``$STIMAGE_IMAGE_ROOT`` when set, else to ``source``'s folder; an absolute one that no
-    longer exists is looked up by name under ``$STIMAGE_IMAGE_ROOT``. In place. A reference
-    that still names no file is left as the absolute path it resolves to: tiling then says
-    the image is missing and how to re-point it."""
+    to ``$STIMAGE_IMAGE_ROOT`` when set, else to ``source``'s folder (a path stored relative to
+    an image root stays relative without one, so tiling asks for ``--image-root``); an
+    absolute one that no longer exists is looked up by name under ``$STIMAGE_IMAGE_ROOT``.
+    In place. A reference that still names no file is left as is: tiling then says the
+    image is missing and how to re-point it."""
     root = image_root()
-    base = root if root is not None else Path(source).resolve().parent
+    folder = Path(source).resolve().parent
     for entry in _libraries(adata).values():
         meta = _meta(entry)
         p = meta.get(keys.IMAGE_PATH)
@@ -168,7 +176,10 @@ def resolve_image_paths(adata, source: str | os.PathLike) -> None:
             continue
         p = Path(str(p))
         if not p.is_absolute():
-            meta[keys.IMAGE_PATH] = str((base / p).resolve())
+            base = root if root is not None else (folder if meta.get(IMAGE_BASE) != IMAGE_BASE_ROOT else None)
+            if base is not None:
+                meta[keys.IMAGE_PATH] = str((base / p).resolve())
+                meta.pop(IMAGE_BASE, None)
         elif root is not None and not p.is_file():
             for cand in (root / p.name, root / p.parent.name / p.name):
                 if cand.is_file():
@@ -188,7 +199,7 @@ def scverse_ready(adata, out_path: str | os.PathLike) -> Iterator[None]:
     work = {}
     for lib, entry in saved.items():  # copy the small dicts, share the (read-only) arrays
         if isinstance(entry, dict):
-            e = {k: (copy.deepcopy(v) if k != "images" else dict(v) if isinstance(v, dict) else v)
+            e = {k: (copy.deepcopy(v) if k != keys.IMAGES else dict(v) if isinstance(v, dict) else v)
                  for k, v in entry.items()}
         else:
             e = entry

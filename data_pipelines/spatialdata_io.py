@@ -32,7 +32,7 @@ import numpy as np
 from data_pipelines import keys
 from data_pipelines.errors import StimageError
 
-__all__ = ["write_spatialdata", "to_spatialdata", "read_spatialdata", "is_spatialdata", "TABLE", "REGION_KEY",
+__all__ = ["write_output", "check_output", "is_zarr", "write_spatialdata", "to_spatialdata", "read_spatialdata", "is_spatialdata", "TABLE", "REGION_KEY",
            "INSTANCE_KEY", "ZARR_SUFFIX"]
 
 TABLE = "table"
@@ -262,3 +262,40 @@ def read_spatialdata(path: str | os.PathLike, what: str = "data file"):
     adata.uns.pop("spatialdata_attrs", None)
     resolve_image_paths(adata, path)
     return adata
+
+
+def is_zarr(path: str | os.PathLike) -> bool:
+    """An output/input named ``*.zarr`` (SpatialData) rather than ``.h5ad``."""
+    return Path(path).suffix.lower() == ZARR_SUFFIX
+
+
+def check_output(path: str | os.PathLike, overwrite: bool, inputs=()) -> Path:
+    """:func:`data_pipelines.io.check_writable` for an ``.h5ad`` file or a ``.zarr`` folder,
+    before any work."""
+    from data_pipelines.io import check_distinct, check_writable
+
+    path = Path(path)
+    if not is_zarr(path):
+        return check_writable(path, overwrite, inputs)
+    check_distinct(path, *inputs)
+    if path.exists() and not path.is_dir():
+        raise StimageError(f"output {path} is a file, not a .zarr folder")
+    if path.exists() and not overwrite:
+        raise StimageError(f"output {path} already exists (pass --overwrite to replace it)")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise StimageError(f"cannot create the folder of output {path} ({e.strerror or type(e).__name__})") from None
+    if not os.access(path.parent, os.W_OK | os.X_OK):
+        raise StimageError(f"cannot write output {path}: folder {path.parent} is not writable")
+    return path
+
+
+def write_output(adata, path: str | os.PathLike, *, overwrite: bool = False) -> Path:
+    """Write ``adata`` as SpatialData when ``path`` ends in ``.zarr``, else as a scanpy-ready
+    ``.h5ad`` (:func:`data_pipelines.io.write_h5ad`)."""
+    from data_pipelines.io import write_h5ad
+
+    if is_zarr(path):
+        return write_spatialdata(adata, path, overwrite=overwrite)
+    return write_h5ad(adata, path, overwrite=overwrite)

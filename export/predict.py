@@ -2,6 +2,7 @@
 
     python -m export.predict --model model.onnx --data X.h5ad --out P.h5ad
     python -m export.predict --model model.onnx --slide S.svs --out P.h5ad [--genes G1,G2]
+    ... --out P.zarr writes SpatialData; --data also reads a .zarr; --image-root DIR re-points images
 
 writes the same h5ad as ``stimage predict`` with a JAX model (X = mean, var_aleatoric,
 var_epistemic, q_lo, q_hi, tissue coverage, provenance): both go through
@@ -27,9 +28,11 @@ def _csv(s: str | None) -> list[str]:
 def run(model, a) -> str:
     """Predict ``a.data`` or ``a.slide`` with any predictor and write ``a.out``; the
     summary line. Shared by ``stimage predict`` (JAX or ONNX models) and this module."""
-    from data_pipelines.io import check_distinct, check_writable, write_h5ad
+    from data_pipelines.scverse import set_image_root
+    from data_pipelines.spatialdata_io import check_output, write_output
     from export.runtime.prediction import predict_adata, slide_to_files
 
+    set_image_root(getattr(a, "image_root", None))
     if a.slide:
         pred, maps = slide_to_files(a.slide, model, a.out, mpp=a.mpp, heatmap_genes=_csv(a.genes),
                                     min_coverage=a.min_coverage, batch_size=a.batch_size, overwrite=a.overwrite,
@@ -39,21 +42,27 @@ def run(model, a) -> str:
     else:
         from data_pipelines.slides import read_h5ad
 
-        check_writable(a.out, a.overwrite)
-        check_distinct(a.out, a.data)
+        check_output(a.out, a.overwrite, [a.data])
         pred = predict_adata(read_h5ad(a.data), model, batch_size=a.batch_size, progress=not a.quiet,
                              interval=a.interval)
-        write_h5ad(pred, a.out, overwrite=a.overwrite)
+        write_output(pred, a.out, overwrite=a.overwrite)
         lines, what = [], "spots"
     prov = pred.uns["stimage"]["prediction"]
     how = ", ".join([prov.get("runtime", "")] + list(prov.get("providers", [])))
     return "\n".join(lines + [f"predicted {pred.n_vars} genes for {pred.n_obs} {what} ({how}) -> {a.out}"])
 
 
+def add_image_root(ap: argparse.ArgumentParser) -> None:
+    """--image-root: where relative or moved image references of --data are looked up."""
+    ap.add_argument("--image-root", help="folder the --data file's image references are resolved against "
+                                         "(default: the file's own folder; also $STIMAGE_IMAGE_ROOT)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = OneLineParser(prog="python -m export.predict", description=__doc__.splitlines()[0])
     ap.add_argument("--model", required=True, help="exported .onnx file")
     add_prediction_options(ap)
+    add_image_root(ap)
     ap.add_argument("--quiet", action="store_true")
     return ap
 

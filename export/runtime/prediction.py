@@ -170,9 +170,14 @@ def predict_slide(slide, predictor, *, min_coverage: float = DEFAULT_MIN_COVERAG
     return pred
 
 
+def _stem(out) -> str:
+    """The output path without its .h5ad / .zarr suffix: heatmaps are <stem>_<gene>.png."""
+    return str(out).removesuffix(".h5ad").removesuffix(".zarr")
+
+
 def heatmap_paths(out, genes) -> list[str]:
-    """``<out without .h5ad>_<gene>.png`` for each gene."""
-    stem = str(out).removesuffix(".h5ad")
+    """``<out without .h5ad / .zarr>_<gene>.png`` for each gene."""
+    stem = _stem(out)
     return [f"{stem}_{g}.png" for g in genes]
 
 
@@ -218,17 +223,19 @@ def slide_to_files(slide_path, predictor, out, *, mpp: float | None = None, heat
     """The ``--slide`` command for any runtime: predict, write ``out`` (.h5ad) and
     ``<out stem>_<gene>.png`` heatmaps. Unknown genes and every existing output are refused
     before any work, so a failure never leaves a half-written set."""
-    from data_pipelines.io import check_distinct, check_writable, write_h5ad
+    from data_pipelines.io import check_distinct, check_writable
+    from data_pipelines.spatialdata_io import check_output, write_output
     from data_pipelines.wsi import open_slide
 
     bad = [g for g in heatmap_genes if g not in set(predictor.genes)]
     if bad:
         raise StimageError(f"gene(s) not predicted by this model: {', '.join(bad)}")
     maps = heatmap_paths(out, heatmap_genes)
-    for p in (out, *maps):
+    check_output(out, overwrite, [slide_path])
+    for p in maps:
         check_writable(p, overwrite)
         check_distinct(p, slide_path)
     pred = predict_slide(open_slide(slide_path, mpp=mpp), predictor, min_coverage=min_coverage,
                          batch_size=batch_size, progress=progress, interval=interval)
-    write_h5ad(pred, out, overwrite=overwrite)
-    return pred, write_heatmaps(pred, heatmap_genes, str(out).removesuffix(".h5ad"), overwrite=overwrite)
+    write_output(pred, out, overwrite=overwrite)  # .h5ad (scanpy-ready) or .zarr (SpatialData)
+    return pred, write_heatmaps(pred, heatmap_genes, _stem(out), overwrite=overwrite)

@@ -1,10 +1,12 @@
 """``stimage predict --model M (--data X.h5ad | --slide S) --out P.h5ad``: any model
 (workdir, ``model/`` folder or exported ``.onnx``) through the one prediction path
-(:func:`export.predict.run`, which ``python -m export.predict`` also uses)."""
+(:func:`export.predict.run`, which ``python -m export.predict`` also uses). ``--out P.zarr``
+writes SpatialData; ``--data`` reads ``.h5ad`` or ``.zarr``."""
 
 from __future__ import annotations
 
 from data_pipelines.errors import StimageError
+from export.predict import add_image_root
 from export.runtime.options import add_prediction_options
 
 
@@ -12,6 +14,7 @@ def add_parser(sub, parents) -> None:
     pr = sub.add_parser("predict", parents=list(parents), help="predict expression for spots or a whole slide")
     pr.add_argument("--model", required=True, help="training workdir (or its model/ folder), or an exported .onnx")
     add_prediction_options(pr)
+    add_image_root(pr)
     pr.add_argument("--embeddings", help="embedding models: obsm key or folder (default: as trained)")
     pr.set_defaults(func=run)
 
