@@ -13,9 +13,10 @@ ROOT = Path(__file__).resolve().parents[2]
 JAX_SIDE = ("jax", "jaxlib", "flax", "optax", "orbax", "jax2onnx", "stimage_jax", "export.to_onnx")
 # data_pipelines/augmentation.py is training-only JAX code; everything else there is NumPy.
 RUNTIME_FILES = sorted([*(ROOT / "export" / "runtime").glob("*.py"), ROOT / "export" / "predict.py",
+                        *(ROOT / "export" / "viewer").glob("*.py"),
                         *(ROOT / "export" / "serving").glob("*.py"),
                         *(ROOT / "export" / "cohort").glob("*.py"), *(ROOT / "export" / "clinical").glob("*.py"),
-                        ROOT / "export" / "__init__.py",
+                        ROOT / "export" / "__init__.py", ROOT / "export" / "quantize.py",
                         *[p for p in (ROOT / "data_pipelines").rglob("*.py") if p.name != "augmentation.py"]])
 
 
