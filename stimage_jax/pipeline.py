@@ -8,6 +8,7 @@ its last checkpoint).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import datetime as _dt
 import hashlib
@@ -32,7 +33,7 @@ from data_pipelines.stain_normalisation import fit_stain
 from data_pipelines.tissue import filter_by_coverage
 from data_pipelines.tiles import load_image, lowres_view, sample_image_path, spot_tiles, stain_tag, tile_geometry
 from export.runtime.prediction import predict_adata
-from stimage_jax import __version__
+from stimage_jax import __version__, distributed
 from stimage_jax.config import AUGMENTATIONS, RunConfig
 from stimage_jax.ensemble.model import MODEL_FORMAT, EnsembleModel, build_member, model_provenance
 from stimage_jax.ensemble.stacked import create_members, fit_ensemble, resolve_strategy, stack_members, unstack_members
@@ -462,8 +463,7 @@ def train(data, workdir: str | os.PathLike, config: RunConfig | TrainConfig | No
     strategy = resolve_strategy(cfg.strategy, trains_backbone=cfg.features.fine_tune)
     workdir = Path(workdir).absolute()
     run = _prepare(data, cfg)
-    with workdir_lock(workdir):
-        done = _claim_workdir(workdir, _request(run), overwrite, lambda: EnsembleModel.load(workdir / "model"))
+    with _primary_claim(workdir, _request(run), overwrite, lambda: EnsembleModel.load(workdir / "model")) as done:
         if done is not None:
             return done
         cache = Path(cache_dir).absolute() if cache_dir is not None else workdir / "cache"
@@ -472,11 +472,31 @@ def train(data, workdir: str | os.PathLike, config: RunConfig | TrainConfig | No
         trained, logs, best_epochs = _fit_sources(run, mcfg, backbones, feats, workdir, cache, progress)
         mcfg["best_epochs"] = best_epochs
         mcfg["trained_at"] = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
-        with atomic_path(workdir / "train_log.csv") as tmp:
-            pd.DataFrame(logs).to_csv(tmp, index=False)
         model = EnsembleModel(mcfg, {} if cfg.features.fine_tune else backbones, trained)
-        model.save(workdir / "model")
+        if distributed.is_primary():  # one writer; every process holds the same trained model
+            with atomic_path(workdir / "train_log.csv") as tmp:
+                pd.DataFrame(logs).to_csv(tmp, index=False)
+            model.save(workdir / "model")
+        distributed.barrier("stimage-model-saved")
     return model
+
+
+@contextlib.contextmanager
+def _primary_claim(workdir: Path, request: dict, overwrite: bool, load):
+    """``_claim_workdir`` under the workdir lock, by process 0 alone when several train
+    together (the others would otherwise wait on its lock while it waits for them in a
+    collective); the others follow its decision once it has cleared or recorded the run."""
+    if not distributed.is_multiprocess():
+        with workdir_lock(workdir):
+            yield _claim_workdir(workdir, request, overwrite, load)
+        return
+    with workdir_lock(workdir) if distributed.is_primary() else contextlib.nullcontext():
+        done = _claim_workdir(workdir, request, overwrite, load) if distributed.is_primary() else None
+        finished = distributed.broadcast_flag(done is not None)
+        distributed.barrier("stimage-workdir-claimed")
+        if finished and done is None:
+            done = load()
+        yield done
 
 
 def _as_features(model, features) -> dict:

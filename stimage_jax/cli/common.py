@@ -13,6 +13,7 @@ from export.runtime.options import (nonnegative_int, open_fraction, positive_flo
 from stimage_jax.config import AUGMENTATIONS, LOSSES_BY_TARGET, RunConfig, load_config
 
 __all__ = ["csv", "add_overwrite", "common_parent", "add_run_options", "run_config_from_args", "quiet",
+           "add_distributed_options", "distributed_from_args",
            "positive_int", "positive_float", "open_fraction", "unit_fraction", "nonnegative_int", "existing_file"]
 
 
@@ -119,3 +120,22 @@ def run_config_from_args(a) -> RunConfig:
     base = load_config(a.config) if getattr(a, "config", None) else RunConfig()
     given = {k: getattr(a, k) for k in flat_fields() if hasattr(a, k)}
     return base.override(**given).check()
+
+
+def add_distributed_options(p: argparse.ArgumentParser) -> None:
+    """Multi-process (multi-host) options: how is separate from what, so these are not RunConfig
+    fields and a 2-process run resumes a 1-process one (see :mod:`stimage_jax.distributed`)."""
+    g = p.add_argument_group("several processes (hosts)")
+    g.add_argument("--coordinator", default=None,
+                   help="HOST:PORT of process 0 (env JAX_COORDINATOR_ADDRESS), or 'auto' for JAX's cluster "
+                        "auto-detection (SLURM, Open MPI, TPU pods)")
+    g.add_argument("--num-processes", type=positive_int, default=None, help="processes in all (env JAX_NUM_PROCESSES)")
+    g.add_argument("--process-id", type=nonnegative_int, default=None,
+                   help="this process's index, 0 .. N-1 (env JAX_PROCESS_ID)")
+
+
+def distributed_from_args(a):
+    from stimage_jax.distributed import DistributedConfig
+
+    return DistributedConfig(getattr(a, "coordinator", None), getattr(a, "num_processes", None),
+                             getattr(a, "process_id", None))

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from stimage_jax.cli.common import add_overwrite, add_run_options, quiet, run_config_from_args
+from stimage_jax.cli.common import (add_distributed_options, add_overwrite, add_run_options, distributed_from_args,
+                                    quiet, run_config_from_args)
 
 
 def add_parser(sub, parents) -> None:
@@ -13,10 +14,14 @@ def add_parser(sub, parents) -> None:
     t.add_argument("--workdir", required=True)
     add_run_options(t)
     add_overwrite(t, "replace a different run in --workdir")
+    add_distributed_options(t)
     t.set_defaults(func=run)
 
 
 def run(a) -> None:
+    from stimage_jax.distributed import initialize
+
+    initialize(distributed_from_args(a))  # before any JAX computation; no-op for one process
     from stimage_jax.pipeline import train
 
     model = train(a.data, a.workdir, run_config_from_args(a), progress=not quiet(a), overwrite=a.overwrite)

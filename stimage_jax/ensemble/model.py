@@ -176,6 +176,15 @@ def _abstract_host(module):
     return jax.tree.map(f, nnx.to_pure_dict(nnx.state(module)))
 
 
+def _solo_checkpointer() -> ocp.StandardCheckpointer:
+    """An Orbax checkpointer for this process alone: a model folder holds host arrays and is
+    written by process 0 only (and read by each process for itself), so none of Orbax's
+    cross-process barriers may wait for the others."""
+    me = jax.process_index()
+    return ocp.StandardCheckpointer(multiprocessing_options=ocp.options.MultiprocessingOptions(
+        primary_host=me, active_processes={me}))
+
+
 @dataclasses.dataclass
 class EnsembleModel:
     """config (model.json), frozen backbones by source name, and the member modules.
@@ -260,7 +269,7 @@ class EnsembleModel:
         """Write atomically: a temporary sibling folder renamed onto ``model_dir``."""
         model_dir = Path(model_dir).absolute()
         with atomic_dir(model_dir) as tmp:
-            ckptr = ocp.StandardCheckpointer()
+            ckptr = _solo_checkpointer()
             for name, bb in self.backbones.items():
                 ckptr.save(tmp / f"backbone_{name}", _host(nnx.to_pure_dict(nnx.state(bb))))
             for src in self.sources:
@@ -283,7 +292,7 @@ class EnsembleModel:
             raise StimageError(f"{meta} has format {cfg.get('format')!r}, expected {MODEL_FORMAT!r}")
         _check_config(cfg, meta)
         v1 = cfg.pop("_v1_layout", False)
-        ckptr = ocp.StandardCheckpointer()
+        ckptr = _solo_checkpointer()
 
         def restore(path, target):
             try:

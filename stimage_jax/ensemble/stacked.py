@@ -37,6 +37,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from tqdm.auto import tqdm
 
 from data_pipelines.errors import StimageError
+from stimage_jax import distributed
 from stimage_jax.ensemble.train import LOSSES, SpotLoss, TrainConfig, adam, padded_batches
 from stimage_jax.training import (CheckpointMeta, Checkpointer, TrainState, concat_members, keep_best,
                                   members_eval_step, members_train_step, split_members)
@@ -145,8 +146,8 @@ def fit_ensemble(members: nnx.Module, x_train, y_train, x_val=None, y_val=None, 
     n = len(y_train)
 
     if mesh is not None:
-        def put(tree, spec):
-            return jax.device_put(tree, NamedSharding(mesh, spec))
+        def put(tree, spec):  # host-identical values → global arrays (the mesh may span processes)
+            return distributed.put(tree, NamedSharding(mesh, spec))
         shard_members = lambda t: jax.tree.map(  # noqa: E731
             lambda a: put(a, P("member") if a.ndim and a.shape[0] == n_mem else P()), t)
         state, best = shard_members(state), shard_members(best)
@@ -200,7 +201,9 @@ def fit_ensemble(members: nnx.Module, x_train, y_train, x_val=None, y_val=None, 
                     g0, g1 = groups[gi]
                     batch = tuple(put(jnp.stack([q[i] for q in parts[g0:g1]]), batch_spec) for i in range(3))
                     states[gi], metrics = members_train_step(states[gi], batch, active_j[gi])
-                    tot[g0:g1] += np.asarray(metrics["loss"], np.float64) * np.asarray(parts[0][2]).sum()
+                    # to_host: other processes' members' losses are gathered, never read directly
+                    tot[g0:g1] += distributed.to_host(metrics["loss"]).astype(np.float64) * np.asarray(
+                        parts[0][2]).sum()
             train_loss = tot / n
             val = np.full(n_mem, math.nan)
             if has_val:
@@ -209,7 +212,8 @@ def fit_ensemble(members: nnx.Module, x_train, y_train, x_val=None, y_val=None, 
                     batch = (put(xb, val_spec), put(yb, val_spec), put(wb, val_spec))
                     for gi in live:
                         g0, g1 = groups[gi]
-                        acc[g0:g1] += np.asarray(members_eval_step(states[gi], batch)["loss_sum"], np.float64)
+                        acc[g0:g1] += distributed.to_host(members_eval_step(states[gi], batch)["loss_sum"]
+                                                          ).astype(np.float64)
                 val = acc / len(y_val)
                 improved = active & (val < stop["best_val"])
                 stop["best_val"] = np.where(improved, val, stop["best_val"])
@@ -231,7 +235,9 @@ def fit_ensemble(members: nnx.Module, x_train, y_train, x_val=None, y_val=None, 
                 for m in np.flatnonzero(active):
                     on_epoch(int(m), epoch - 1, histories[m][-1])
         save()
-    final = concat_members(bests if has_val else [s.params for s in states])
-    nnx.update(members, nnx.state(concat_members(states).module(params=final)))
+    final, state = concat_members(bests if has_val else [s.params for s in states]), concat_members(states)
+    if distributed.is_multiprocess():  # every process gets the whole trained ensemble as local arrays
+        final, state = distributed.tree_to_host(final), state.with_arrays(distributed.tree_to_host(state.arrays()))
+    nnx.update(members, nnx.state(state.module(params=final)))
     members.eval()
     return members, histories

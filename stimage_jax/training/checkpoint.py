@@ -53,10 +53,24 @@ class CheckpointMeta:
         return cls(**{k: v for k, v in d.items() if k in names})
 
 
+def _global(a) -> bool:
+    """An array spread over several processes' devices: Orbax writes (and reads) each
+    process's shards itself, so it is handed over as it is, never gathered to one host."""
+    return isinstance(a, jax.Array) and not a.is_fully_addressable
+
+
 def _host(tree):
-    """Arrays as NumPy (typed PRNG keys stay keys: Orbax stores those itself)."""
-    return jax.tree.map(lambda a: a if jax.dtypes.issubdtype(a.dtype, jax.dtypes.prng_key) else np.asarray(a),
-                        tree)
+    """Arrays as NumPy (typed PRNG keys and multi-process arrays stay as they are: Orbax
+    stores those itself)."""
+    return jax.tree.map(lambda a: a if _global(a) or jax.dtypes.issubdtype(a.dtype, jax.dtypes.prng_key)
+                        else np.asarray(a), tree)
+
+
+def _target(tree):
+    """Restore target: NumPy, except multi-process arrays, restored straight into their
+    sharding (each process reads its own shards)."""
+    return jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=a.sharding) if _global(a)
+                        else (a if jax.dtypes.issubdtype(a.dtype, jax.dtypes.prng_key) else np.asarray(a)), tree)
 
 
 def _like(got, like):
@@ -94,7 +108,7 @@ class Checkpointer:
             raise StimageError(f"{where} was written by an earlier version of stimage-jax (no metadata); "
                                "delete it to retrain")
         try:
-            got = self._mngr.restore(step, args=ocp.args.Composite(arrays=ocp.args.StandardRestore(_host(like)),
+            got = self._mngr.restore(step, args=ocp.args.Composite(arrays=ocp.args.StandardRestore(_target(like)),
                                                                    meta=ocp.args.JsonRestore()))
             meta = CheckpointMeta.from_json(got["meta"])
         except Exception as e:  # orbax raises many types for truncated files
