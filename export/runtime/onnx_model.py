@@ -25,6 +25,7 @@ PREFERRED_PROVIDERS = ("TensorrtExecutionProvider", "CUDAExecutionProvider", "CP
 REQUIRED_METADATA = ("format", "genes", "tile_um", "tile_px", "provenance")
 MAX_TILE_PX = 8192      # a network input side beyond any backbone here
 MAX_TILE_UM = 10_000.0  # 1 cm: no spot or tile is larger
+QUANT_SCHEMES = ("int8",)  # metadata 'quantization' schemes this runtime knows (export.quantize)
 
 
 def _json(meta: dict, key: str, path: Path, default=None):
@@ -99,6 +100,12 @@ class OnnxEnsemble:
         if not isinstance(prov, dict):
             raise StimageError(f"{path}: metadata 'provenance' must be a JSON object")
         self._trained = prov
+        quant = _json(meta, "quantization", path)  # an int8 export (export.quantize); absent on fp32
+        if quant is not None:
+            if not isinstance(quant, dict) or quant.get("scheme") not in QUANT_SCHEMES:
+                raise StimageError(f"{path}: metadata 'quantization' must be a JSON object with 'scheme' one of "
+                                   f"{', '.join(QUANT_SCHEMES)}")
+            self._trained = {**prov, "quantization": quant["scheme"]}  # predictions say they came from int8
         stain = _json(meta, "stain_reference", path)
         if stain:
             from data_pipelines.stain_normalisation import Reference

@@ -1,0 +1,354 @@
+"""An exported fp32 ensemble → a static INT8 (QDQ) model, with an accuracy gate (no JAX).
+
+Quantisation is onnxruntime's own (``onnxruntime.quantization.quantize_static``) on the
+plain fp32 export (format ``stimage-jax-onnx/1``):
+
+- the graph is first pre-processed (``quant_pre_process``: batch norms folded into the
+  convolutions, shapes inferred), so each convolution is quantised with its folded weights;
+- only ``Conv`` nodes are quantised — the backbone. The input scaling, the pooling, every
+  member's NB head (``Gemm``, ``exp``) and the uncertainty arithmetic stay fp32;
+- weights int8 symmetric per output channel, activations uint8 with ranges calibrated
+  (min/max) on real tiles: the tissue-covered spots of the calibration sections, cut by the
+  same tile pipeline a prediction uses (``data_pipelines.tiles.spot_tiles``, the model's
+  geometry and stain reference);
+- the metadata keep every fp32 key and add ``quantization`` (JSON: scheme, what was
+  quantised, calibration tile count, coverage threshold, the sha256 of every calibration
+  file and of the calibration tiles themselves, the fp32 graph's sha256, the gate's figures).
+
+The gate predicts the given sections with both models through
+:func:`export.runtime.prediction.predict_adata` and compares each with the observed counts:
+per-gene Pearson r per section (averaged over sections), the mean |Δ PCC| over genes, the
+mean-PCC drop, and the largest relative change of a predicted mean. A drop above
+``max_drop`` (default 0.01) refuses the model unless forced.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+
+from data_pipelines.errors import StimageError
+from export.runtime.onnx_model import QUANT_SCHEMES
+
+__all__ = ["QUANT_SCHEMES", "DEFAULT_MAX_PCC_DROP", "DEFAULT_CALIBRATION_TILES", "GateReport", "calibration_tiles",
+           "quantize_int8", "accuracy_gate", "quantize_with_gate", "model_digest"]
+
+DEFAULT_MAX_PCC_DROP = 0.01
+DEFAULT_CALIBRATION_TILES = 256
+QUANTIZED_OPS = ("Conv", "Relu", "Clip", "Add", "MaxPool")  # the backbone; heads (Gemm) and the NB arithmetic stay fp32
+
+
+def model_digest(proto) -> str:
+    """sha256 of a ModelProto's serialised bytes."""
+    return hashlib.sha256(proto.SerializeToString()).hexdigest()
+
+
+def _load_proto(model):
+    import onnx
+
+    if isinstance(model, onnx.ModelProto):
+        return model
+    path = Path(model)
+    if not path.is_file():
+        raise StimageError(f"model file {path} not found")
+    try:
+        return onnx.load(str(path))
+    except Exception as e:  # noqa: BLE001 - protobuf's untyped errors
+        raise StimageError(f"{path} is not an ONNX file ({str(e).splitlines()[0][:200] if str(e) else 'unreadable'})") \
+            from None
+
+
+def _meta(proto) -> dict[str, str]:
+    return {p.key: p.value for p in proto.metadata_props}
+
+
+def _set_meta(proto, meta: dict[str, str]) -> None:
+    del proto.metadata_props[:]
+    for k, v in meta.items():
+        proto.metadata_props.add(key=k, value=v)
+
+
+def _check_fp32_export(proto) -> dict[str, str]:
+    from export.runtime.onnx_model import ONNX_FORMAT
+
+    meta = _meta(proto)
+    if meta.get("format") != ONNX_FORMAT:
+        raise StimageError(f"the model's format is {meta.get('format')!r}: quantise a plain {ONNX_FORMAT!r} export")
+    if "quantization" in meta:
+        raise StimageError("the model is already quantised; quantise the fp32 export")
+    return meta
+
+
+def _geometry(meta: dict[str, str]):
+    from data_pipelines.stain_normalisation import Reference
+
+    stain = json.loads(meta.get("stain_reference") or "null")
+    stain = Reference.from_dict(stain, where="the model's stain reference") if stain else None
+    return float(meta["tile_um"]), int(meta["tile_px"]), stain
+
+
+def _section_tiles(path, tile_um: float, tile_px: int, stain, progress: bool):
+    """(AnnData, tiles (N, px, px, 3) uint8, tissue coverage (N,)) of one section file."""
+    from data_pipelines.slides import read_h5ad
+    from data_pipelines.tiles import spot_tiles
+    from data_pipelines.tissue import spot_tissue_coverage
+
+    path = Path(path)
+    if not path.is_file():
+        raise StimageError(f"section file {path} not found")
+    adata = read_h5ad(path)
+    tiles = np.asarray(spot_tiles(adata, tile_um=tile_um, tile_px=tile_px, progress=progress, stain=stain))
+    cov = np.asarray(spot_tissue_coverage(adata, tile_um=tile_um, tile_px=tile_px), np.float32)
+    return adata, tiles, cov
+
+
+def calibration_tiles(sections, meta: dict[str, str], n_tiles: int = DEFAULT_CALIBRATION_TILES, *,
+                      min_coverage: float | None = None, seed: int = 0, progress: bool = False,
+                      _cache: dict | None = None) -> tuple[np.ndarray, dict]:
+    """Up to ``n_tiles`` tissue-covered tiles (N, px, px, 3) uint8 from the sections' spots, cut
+    at the model's geometry (``meta``: an export's metadata), and what they were: the files'
+    sha256, the counts, the coverage threshold and the sha256 of the chosen tiles.
+    Deterministic (``seed``); spots below ``min_coverage`` (default the prediction default)
+    are mostly glass and would calibrate the ranges to background."""
+    from data_pipelines.fingerprint import file_digest
+    from data_pipelines.tissue import DEFAULT_MIN_COVERAGE
+
+    if int(n_tiles) < 1:
+        raise StimageError(f"--calibration-tiles must be a positive integer, got {n_tiles}")
+    min_coverage = DEFAULT_MIN_COVERAGE if min_coverage is None else float(min_coverage)
+    tile_um, tile_px, stain = _geometry(meta)
+    pool, files = [], []
+    for path in sections:
+        got = _section_tiles(path, tile_um, tile_px, stain, progress)
+        if _cache is not None:
+            _cache[str(path)] = got
+        _, tiles, cov = got
+        keep = cov >= min_coverage
+        pool.append(tiles[keep])
+        files.append({"file": Path(path).name, "sha256": file_digest(path), "spots": int(len(tiles)),
+                      "tissue_spots": int(keep.sum())})
+    pool = np.concatenate(pool) if pool else np.zeros((0, tile_px, tile_px, 3), np.uint8)
+    if len(pool) == 0:
+        raise StimageError(f"no calibration spot has tissue coverage >= {min_coverage:g}: give sections with tissue")
+    pick = np.sort(np.random.default_rng(seed).permutation(len(pool))[:int(n_tiles)])
+    tiles = np.ascontiguousarray(pool[pick])
+    info = {"sections": files, "tiles": int(len(tiles)), "min_coverage": min_coverage, "seed": int(seed),
+            "tiles_sha256": hashlib.sha256(tiles.tobytes()).hexdigest()}
+    return tiles, info
+
+
+class _TileReader:
+    """onnxruntime's CalibrationDataReader protocol over uint8 tiles, in batches."""
+
+    def __init__(self, tiles: np.ndarray, batch_size: int, progress: bool):
+        from tqdm.auto import tqdm
+
+        starts = range(0, len(tiles), batch_size)
+        self._it = iter(tqdm([tiles[s:s + batch_size] for s in starts], desc="calibrate", disable=not progress,
+                             leave=False))
+
+    def get_next(self):
+        batch = next(self._it, None)
+        return None if batch is None else {"tiles": batch}
+
+
+def quantize_int8(model, tiles: np.ndarray, *, batch_size: int = 32, per_channel: bool = True,
+                  progress: bool = False, calibration: dict | None = None):
+    """fp32 export (path or ModelProto) + calibration tiles (N, px, px, 3) uint8 → the static
+    QDQ int8 ModelProto (same inputs, outputs and metadata, plus ``quantization``)."""
+    import onnx
+    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    proto = _load_proto(model)
+    meta = _check_fp32_export(proto)
+    px = int(meta["tile_px"])
+    tiles = np.asarray(tiles)
+    if tiles.ndim != 4 or tiles.shape[1:] != (px, px, 3) or tiles.dtype != np.uint8 or not len(tiles):
+        raise StimageError(f"calibration tiles must be uint8 (N >= 1, {px}, {px}, 3), got {tiles.dtype} {tiles.shape}")
+    with tempfile.TemporaryDirectory(prefix="stimage-quant-") as tmp:
+        src, pre, out = (Path(tmp) / n for n in ("fp32.onnx", "pre.onnx", "int8.onnx"))
+        onnx.save_model(proto, src)
+        # folds batch norms into the convolutions (per-channel weights are then the real ones)
+        quant_pre_process(str(src), str(pre), skip_symbolic_shape=True)
+        quantize_static(str(pre), str(out), _TileReader(tiles, batch_size, progress), quant_format=QuantFormat.QDQ,
+                        op_types_to_quantize=list(QUANTIZED_OPS), per_channel=per_channel,
+                        activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
+                        calibrate_method=CalibrationMethod.MinMax,
+                        extra_options={"WeightSymmetric": True, "ActivationSymmetric": False})
+        q = onnx.load(str(out))
+    record = {"scheme": "int8", "format": "QDQ", "ops": list(QUANTIZED_OPS),
+              "weights": "int8 symmetric per-channel" if per_channel else "int8 symmetric per-tensor",
+              "activations": "uint8 asymmetric, min/max calibration", "fp32": "the rest (input scaling, NB heads)",
+              "fp32_sha256": model_digest(proto), "calibration": calibration or {"tiles": int(len(tiles))}}
+    _set_meta(q, {**meta, "quantization": json.dumps(record)})
+    onnx.checker.check_model(q)
+    return q
+
+
+@dataclass(frozen=True)
+class GateReport:
+    """fp32 vs quantised on the gate sections (per-gene arrays in the model's gene order)."""
+
+    sections: tuple[str, ...]
+    spots: int
+    genes: tuple[str, ...]
+    pcc_fp32: tuple[float, ...]
+    pcc_quantized: tuple[float, ...]
+    mean_abs_delta_pcc: float
+    mean_pcc_fp32: float
+    mean_pcc_quantized: float
+    pcc_drop: float             # mean_pcc_fp32 - mean_pcc_quantized
+    max_rel_mean_change: float  # max over spots and genes of |mean_q - mean_fp32| / |mean_fp32|
+    max_drop: float
+
+    @property
+    def passed(self) -> bool:
+        return bool(np.isfinite(self.pcc_drop) and self.pcc_drop <= self.max_drop)
+
+    def line(self) -> str:
+        return (f"accuracy gate on {', '.join(self.sections)} ({self.spots} spots, {len(self.genes)} genes): "
+                f"mean PCC fp32 {self.mean_pcc_fp32:.4f} -> int8 {self.mean_pcc_quantized:.4f} "
+                f"(drop {self.pcc_drop:+.4f}, limit {self.max_drop:g}), mean |dPCC| per gene "
+                f"{self.mean_abs_delta_pcc:.4f}, max relative change of means {self.max_rel_mean_change:.4f}: "
+                f"{'pass' if self.passed else 'FAIL'}")
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d.pop("pcc_fp32"), d.pop("pcc_quantized"), d.pop("genes")
+        return {**d, "passed": self.passed}
+
+
+def _pearson_per_gene(p: np.ndarray, t: np.ndarray) -> np.ndarray:
+    """(N, G), (N, G) → (G,) Pearson r, NaN where a column is constant (as stimage_jax.metrics)."""
+    p = np.asarray(p, np.float64) - np.mean(p, 0)
+    t = np.asarray(t, np.float64) - np.mean(t, 0)
+    den = np.sqrt((p * p).sum(0) * (t * t).sum(0))
+    with np.errstate(invalid="ignore", divide="ignore"):
+        r = (p * t).sum(0) / den
+    return np.where(den > 0, np.clip(r, -1.0, 1.0), np.nan)
+
+
+def _dense(x) -> np.ndarray:
+    return np.asarray(x.toarray() if hasattr(x, "toarray") else x, np.float64)
+
+
+def accuracy_gate(fp32, quantized, sections, *, max_drop: float = DEFAULT_MAX_PCC_DROP, batch_size: int = 32,
+                  progress: bool = False, _cache: dict | None = None) -> GateReport:
+    """Predict ``sections`` (.h5ad files with counts) with both models (paths or ModelProtos,
+    run by the deployment runtime :class:`~export.runtime.onnx_model.OnnxEnsemble`) and
+    compare their per-gene PCC against the observed counts."""
+    import onnx
+
+    from data_pipelines import keys
+    from export.runtime.onnx_model import OnnxEnsemble
+    from export.runtime.prediction import predict_adata
+
+    with tempfile.TemporaryDirectory(prefix="stimage-gate-") as tmp:
+        models = []
+        for name, m in (("fp32", fp32), ("int8", quantized)):
+            if isinstance(m, onnx.ModelProto):
+                p = Path(tmp) / f"{name}.onnx"
+                onnx.save_model(m, p)
+                m = p
+            models.append(OnnxEnsemble(m))
+        f32, q8 = models
+        genes = list(f32.genes)
+        pcc_f, pcc_q, rel, spots, names = [], [], 0.0, 0, []
+        for path in sections:
+            got = (_cache or {}).get(str(path)) or _section_tiles(path, f32.tile_um, f32.tile_px, f32.stain, progress)
+            adata, tiles, _ = got
+            kept = [g for g in genes if g in set(adata.var_names)]
+            if not kept:
+                raise StimageError(f"{path}: none of the model's genes are in the section: it cannot check accuracy")
+            pf = predict_adata(adata, f32, tiles=tiles, batch_size=batch_size, progress=progress)
+            pq = predict_adata(adata, q8, tiles=tiles, batch_size=batch_size, progress=progress)
+            gi = [genes.index(g) for g in kept]
+            truth = _dense(adata[:, kept].X)
+            full_f, full_q = (np.full(len(genes), np.nan) for _ in range(2))
+            full_f[gi] = _pearson_per_gene(_dense(pf.X)[:, gi], truth)
+            full_q[gi] = _pearson_per_gene(_dense(pq.X)[:, gi], truth)
+            pcc_f.append(full_f), pcc_q.append(full_q)
+            mf, mq = _dense(pf.X), _dense(pq.X)
+            rel = max(rel, float(np.max(np.abs(mq - mf) / np.maximum(np.abs(mf), 1e-6))))
+            spots += adata.n_obs
+            names.append(str(adata.uns.get(keys.STIMAGE_UNS, {}).get(keys.LIBRARY_ID) or Path(path).stem))
+    with np.errstate(invalid="ignore"), _quiet_nan():
+        gf, gq = np.nanmean(np.stack(pcc_f), 0), np.nanmean(np.stack(pcc_q), 0)
+        both = np.isfinite(gf)
+        if not both.any():
+            raise StimageError("no gene has a defined fp32 PCC on the gate sections (constant counts or predictions)")
+        # a gene the quantised model predicts as a constant has lost its correlation: it counts as 0
+        gq = np.where(np.isfinite(gf) & ~np.isfinite(gq), 0.0, gq)
+        mf, mq = float(np.mean(gf[both])), float(np.mean(gq[both]))
+        return GateReport(sections=tuple(names), spots=spots, genes=tuple(genes), pcc_fp32=tuple(map(float, gf)),
+                          pcc_quantized=tuple(map(float, gq)),
+                          mean_abs_delta_pcc=float(np.mean(np.abs(gq - gf)[both])), mean_pcc_fp32=mf,
+                          mean_pcc_quantized=mq, pcc_drop=mf - mq, max_rel_mean_change=rel,
+                          max_drop=float(max_drop))
+
+
+class _quiet_nan:
+    """Silence 'Mean of empty slice' for genes constant in every section (NaN is the answer)."""
+
+    def __enter__(self):
+        import warnings
+
+        self._w = warnings.catch_warnings()
+        self._w.__enter__()
+        warnings.simplefilter("ignore", RuntimeWarning)
+
+    def __exit__(self, *exc):
+        return self._w.__exit__(*exc)
+
+
+def quantize_with_gate(model, calibration, *, validate=None, n_tiles: int = DEFAULT_CALIBRATION_TILES,
+                       max_drop: float = DEFAULT_MAX_PCC_DROP, force: bool = False, progress: bool = False,
+                       report=print):
+    """The whole ``export-onnx --quantize int8`` step on an fp32 export (path or ModelProto):
+    calibrate on ``calibration`` (section files), quantise, gate on ``validate`` (default the
+    calibration sections). ``report`` gets the gate's line. Returns ``(int8 ModelProto,
+    GateReport)``; raises :class:`StimageError` when the gate fails and ``force`` is false."""
+    if not (0.0 <= float(max_drop) <= 1.0):
+        raise StimageError(f"--max-pcc-drop must lie in [0, 1], got {max_drop}")
+    calibration = [Path(p) for p in calibration]
+    validate = [Path(p) for p in (validate or [])]
+    for p in [*calibration, *validate]:
+        if not p.is_file():
+            raise StimageError(f"section file {p} not found")
+    proto = _load_proto(model)
+    meta = _check_fp32_export(proto)
+    cache: dict = {}
+    tiles, info = calibration_tiles(calibration, meta, n_tiles, progress=progress, _cache=cache)
+    q = quantize_int8(proto, tiles, progress=progress, calibration=info)
+    gate = accuracy_gate(proto, q, validate or calibration, max_drop=max_drop, progress=progress, _cache=cache)
+    report(gate.line())
+    record = json.loads(_meta(q)["quantization"])
+    record["gate"] = {**gate.to_dict(), "held_out": bool(validate), "forced": bool(force and not gate.passed)}
+    if validate:
+        from data_pipelines.fingerprint import file_digest
+
+        record["gate"]["files"] = [{"file": p.name, "sha256": file_digest(p)} for p in validate]
+    _set_meta(q, {**_meta(q), "quantization": json.dumps(record)})
+    if not gate.passed and not force:
+        raise StimageError(f"int8 model refused: mean PCC drops by {gate.pcc_drop:.4f} (> {max_drop:g}) on "
+                           f"{', '.join(gate.sections)}; nothing written (--force writes it anyway)")
+    return q, gate
+
+
+def save(proto, out: str | os.PathLike, *, overwrite: bool = False) -> Path:
+    """Write ``proto`` atomically (a quantised model is far below protobuf's 2 GB)."""
+    import onnx
+
+    from data_pipelines.io import atomic_path
+
+    out = Path(out)
+    with atomic_path(out, overwrite=overwrite) as tmp:
+        onnx.save_model(proto, tmp)
+    return out
