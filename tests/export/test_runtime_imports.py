@@ -16,7 +16,7 @@ RUNTIME_FILES = sorted([*(ROOT / "export" / "runtime").glob("*.py"), ROOT / "exp
                         *(ROOT / "export" / "viewer").glob("*.py"),
                         *(ROOT / "export" / "serving").glob("*.py"),
                         *(ROOT / "export" / "cohort").glob("*.py"), *(ROOT / "export" / "clinical").glob("*.py"),
-                        ROOT / "export" / "__init__.py", ROOT / "export" / "quantize.py", ROOT / "export" / "quantize.py",
+                        ROOT / "export" / "__init__.py", ROOT / "export" / "quantize.py",
                         *[p for p in (ROOT / "data_pipelines").rglob("*.py") if p.name != "augmentation.py"]])
 
 
