@@ -4,7 +4,7 @@ Each process gets ``JAX_COORDINATOR_ADDRESS`` (127.0.0.1 and a free port), ``JAX
 and ``JAX_PROCESS_ID``, which ``stimage train`` reads (:mod:`stimage_jax.distributed`);
 ``--devices-per-process K`` forces K CPU devices in each (``--xla_force_host_platform_device_count``),
 so a laptop or CI exercises the multi-host code paths. A leading ``stimage`` runs this
-interpreter's CLI. When one process fails the others are stopped; the exit code is the first
+interpreter's CLI. When one process fails (or the launcher gets SIGTERM or Ctrl-C) the others are killed; the exit code is the first
 non-zero one. Process 0's output passes through; the others' output is prefixed with
 ``[process I]``.
 """
@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -61,6 +62,8 @@ def main(argv: list[str] | None = None) -> int:
     if cmd[0] == "stimage":
         cmd = [sys.executable, "-c", "import sys; from stimage_jax.cli import main; sys.exit(main())", *cmd[1:]]
     coordinator = f"127.0.0.1:{a.port or free_port()}"
+    # SIGTERM to the launcher stops every process it started (the finally below), not only itself.
+    signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt))
     procs, threads = [], []
     for i in range(a.num_processes):
         proc = subprocess.Popen(cmd, env=process_env(i, a.num_processes, coordinator, a.devices_per_process),
@@ -82,15 +85,14 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         rc = 130
     finally:
-        for q in procs:  # a failed (or interrupted) process leaves the others waiting in collectives
-            if q.poll() is None:
-                q.terminate()
+        # A failed (or interrupted) process leaves the others waiting in collectives, and JAX's
+        # distributed client takes SIGTERM as a preemption notice and carries on: SIGKILL. A
+        # checkpoint being written is left as Orbax's temporary folder, which a resume ignores.
         for q in procs:
-            try:
-                q.wait(timeout=10)
-            except subprocess.TimeoutExpired:
+            if q.poll() is None:
                 q.kill()
-                q.wait()
+        for q in procs:
+            q.wait()
         for t in threads:
             t.join(timeout=1)
     return rc or next((q.returncode for q in procs if q.returncode), 0)

@@ -1,0 +1,101 @@
+"""Two local processes × two forced CPU devices (gloo collectives) train the same ensemble as
+one process with four devices, to 1e-5; a 2-process run killed mid-training resumes from its
+Orbax checkpoint to that same model. Features-only training on a tiny synthetic study."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import jax
+import numpy as np
+import pandas as pd
+import pytest
+from flax import nnx
+
+from stimage_jax.distributed import DistributedConfig, initialize
+from stimage_jax.ensemble.model import EnsembleModel
+from stimage_jax.launch import process_env
+from data_pipelines.errors import StimageError
+
+pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
+CONFIG = """
+from stimage_jax.config import RunConfig
+def get_config():
+    return RunConfig(genes="A,B,C", members=2).override(embeddings="emb", max_epochs=8, batch_size=16,
+                                                        lr=3e-2, patience=50, checkpoint_every=1)
+"""
+CLI = [sys.executable, "-c", "import sys; from stimage_jax.cli import main; sys.exit(main())"]
+
+
+def _train_cmd(paths, wd, cfg):
+    return ["train", "--quiet", "--data", *map(str, paths), "--workdir", str(wd), "--config", str(cfg)]
+
+
+def _members(wd: Path) -> list[np.ndarray]:
+    m = EnsembleModel.load(wd / "model")
+    return [np.asarray(a, np.float64) for mem in m.members for a in jax.tree.leaves(nnx.to_pure_dict(nnx.state(mem)))
+            if not jax.dtypes.issubdtype(a.dtype, jax.dtypes.prng_key)]
+
+
+def _steps(wd: Path) -> list[int]:
+    d = wd / "checkpoints" / "emb_emb" / "stacked"
+    return sorted(int(p.name) for p in d.iterdir() if p.name.isdigit()) if d.is_dir() else []
+
+
+def test_two_processes_equal_one_and_a_killed_run_resumes(feature_study, tmp_path):
+    cfg = tmp_path / "cfg.py"
+    cfg.write_text(CONFIG)
+    one = tmp_path / "one"
+    env1 = process_env(0, 1, "", 4)
+    for k in ("JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID"):
+        env1.pop(k)
+    proc = subprocess.run([*CLI, *_train_cmd(feature_study, one, cfg)], env=env1, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+
+    two = tmp_path / "two"
+    launch = [sys.executable, "-m", "stimage_jax.launch", "-n", "2", "--devices-per-process", "2", "--",
+              "stimage", *_train_cmd(feature_study, two, cfg)]
+    first = subprocess.Popen(launch, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    t0 = time.monotonic()
+    while first.poll() is None and not any(s >= 2 for s in _steps(two)) and time.monotonic() - t0 < 240:
+        time.sleep(0.05)
+    first.send_signal(signal.SIGTERM)  # the launcher stops both training processes
+    first.communicate(timeout=60)
+    assert not (two / "model").exists(), "the run finished before it could be killed"
+    assert 2 <= max(_steps(two)) < 8
+
+    proc = subprocess.run(launch, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    # process 0 alone wrote the model and the log; every process printed the same summary
+    assert proc.stdout.count("trained 2 member(s)") == 1 and "[process 1] trained 2 member(s)" in proc.stderr
+    for a, b in zip(_members(one), _members(two), strict=True):
+        np.testing.assert_allclose(b, a, atol=1e-5, rtol=1e-5)
+    la, lb = pd.read_csv(one / "train_log.csv"), pd.read_csv(two / "train_log.csv")
+    assert len(la) == 2 * 8 and list(la["epoch"]) == list(lb["epoch"])
+    np.testing.assert_allclose(lb[["train_loss", "val_loss"]], la[["train_loss", "val_loss"]], rtol=1e-5)
+
+
+def test_distributed_settings_are_checked():
+    assert DistributedConfig().resolved(env={}).enabled is False
+    got = DistributedConfig().resolved(env={"JAX_COORDINATOR_ADDRESS": "h:1", "JAX_NUM_PROCESSES": "2",
+                                            "JAX_PROCESS_ID": "1"})
+    assert got == DistributedConfig("h:1", 2, 1)
+    assert DistributedConfig(process_id=0).resolved(env={"JAX_PROCESS_ID": "1"}).process_id == 0  # option wins
+    for bad in (DistributedConfig("h:1", 2, None), DistributedConfig("nohost", 2, 0), DistributedConfig("h:1", 2, 2)):
+        with pytest.raises(StimageError):
+            bad.check()
+    with pytest.raises(StimageError, match="JAX_NUM_PROCESSES"):
+        DistributedConfig().resolved(env={"JAX_NUM_PROCESSES": "two"})
+    assert initialize(DistributedConfig()) is False or os.environ.get("JAX_COORDINATOR_ADDRESS")
+
+
+def test_launch_environment():
+    env = process_env(1, 2, "127.0.0.1:5", 2, base={"XLA_FLAGS": "--xla_force_host_platform_device_count=8 --foo"})
+    assert env["JAX_PROCESS_ID"] == "1" and env["JAX_NUM_PROCESSES"] == "2"
+    assert env["XLA_FLAGS"] == "--foo --xla_force_host_platform_device_count=2" and env["JAX_PLATFORMS"] == "cpu"
