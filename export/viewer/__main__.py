@@ -120,6 +120,7 @@ def serve(a, model=None, *, progress: bool = True) -> None:
 
     from export.viewer.app import build_app
 
+    _Server = _uvicorn_server()
     check(a)
     state = build_state(a, model, progress=progress)
     sock = _bind(a.host, a.port)
@@ -129,8 +130,27 @@ def serve(a, model=None, *, progress: bool = True) -> None:
     shown = f"[{host}]" if ":" in host else host
     print(f"viewing {state.section.name} with {state.current.name} on http://{shown}:{port}/ (Ctrl-C to stop)",
           flush=True)
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", access_log=False, lifespan="on"))
+    server = _Server(uvicorn.Config(app, log_level="warning", access_log=False, lifespan="on"))
     server.run(sockets=[sock])
+
+
+def _uvicorn_server():
+    import contextlib
+
+    import uvicorn
+
+    class Server(uvicorn.Server):
+        """uvicorn re-raises a caught SIGTERM/SIGINT after its graceful shutdown; a viewer
+        stopped on purpose exits 0 instead."""
+
+        @contextlib.contextmanager
+        def capture_signals(self):
+            with super().capture_signals():
+                try:
+                    yield
+                finally:
+                    self._captured_signals.clear()
+    return Server
 
 
 def build_parser() -> argparse.ArgumentParser:

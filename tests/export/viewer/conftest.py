@@ -58,7 +58,11 @@ class Viewer:
                 body = r.read()
                 return r.status, (body if raw else json.loads(body))
         except urllib.error.HTTPError as e:
-            return e.code, json.loads(e.read() or b"{}")
+            body = e.read()
+            try:
+                return e.code, json.loads(body or b"{}")
+            except ValueError:  # Starlette's own plain-text refusals (a bad Host header)
+                return e.code, {"error": body.decode()}
 
     def post(self, path, body: bytes, headers=None):
         req = urllib.request.Request(self.url + path, data=body, method="POST",
