@@ -76,6 +76,24 @@ def test_slide_prediction_to_zarr(study, make_slide, tmp_path):
     s = sd.read_zarr(out)
     assert s.images["s_he"]["scale0"]["image"].shape == (3, 1200, 1600)
     assert len(s.shapes["s_spots"]) == s.tables["table"].n_obs > 20
+    # the .h5ad of a slide prediction is what scanpy plots: tiles over the slide's hires image
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import scanpy as sc
+    from PIL import Image
+
+    h5 = tmp_path / "slide.h5ad"
+    assert main(["predict", "--quiet", "--model", str(wd), "--slide", str(tmp_path / "s.tif"), "--out", str(h5)]) == 0
+    p = ad.read_h5ad(h5)
+    e = p.uns[keys.SPATIAL_UNS]["s"]
+    assert e[keys.IMAGES]["hires"].shape == (1200, 1600, 3) and e[keys.IMAGES]["lowres"].shape == (450, 600, 3)
+    assert e["scalefactors"][keys.LOWRES_SCALEF] == pytest.approx(600 / 1600)
+    sc.pl.spatial(p, color="A", show=False)
+    plt.savefig(tmp_path / "sc.png")
+    plt.close("all")
+    assert np.asarray(Image.open(tmp_path / "sc.png").convert("L")).std() > 10
 
 
 def test_a_moved_prediction_input_names_its_image_and_image_root_fixes_it(study, tmp_path, capsys):
