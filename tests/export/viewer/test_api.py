@@ -159,3 +159,44 @@ def test_restart_reads_the_cache_and_pred_file_is_served(c6_model, viewer, truth
         assert v.get(f"/api/spot?id={truth.obs_names[3]}&gene=CD74")[1]["mean"] == float(truth[3, "CD74"].X[0, 0])
     finally:
         v.stop()
+
+
+def test_slide_mode_grid_tiles_numbers_overlay_and_explain(c6_model, make_slide, tmp_path):
+    """An H&E-only slide: the tile grid is predicted by predict_slide's path, clicks land on
+    grid squares, the overlay paints squares, and a tile is explained from the slide."""
+    import time
+
+    from data_pipelines.wsi import open_slide
+    from export.runtime.onnx_model import OnnxEnsemble
+    from export.runtime.prediction import predict_slide
+    from export.viewer.deepzoom import DeepZoom
+    from export.viewer.state import ViewerState, model_digest, open_section
+
+    _, model = c6_model
+    make_slide(tmp_path / "s.tif", mpp=0.1, size=(4000, 4000))  # 100 µm tiles = 1000 px
+    want = predict_slide(open_slide(tmp_path / "s.tif"), OnnxEnsemble(model), min_coverage=0.5, progress=False)
+    state = ViewerState(open_section(slide=tmp_path / "s.tif", min_coverage=0.5), OnnxEnsemble(model), "m.onnx",
+                        model_digest(model), tmp_path / "cache", samples=10, progress=False)
+    state.deepzoom = DeepZoom(state.section.slide)
+    state.start(wait=True)
+    assert state.status["state"] == "ready" and state.status["source"] == "predicted", state.status
+    spots = state.spots("CD74", "mean")
+    assert spots["shape"] == "square" and spots["diameter_px"] == pytest.approx(1000.0)
+    assert spots["ids"] == list(want.obs_names) and len(spots["ids"]) >= 4
+    x, y = want.obsm["spatial"][0]
+    sid = state.spot_at(x + 450, y - 450)  # a corner of the square, outside its inscribed disc
+    assert sid == want.obs_names[0]
+    s = state.spot(sid, "CD74")
+    assert s["mean"] == float(want[sid, "CD74"].X[0, 0]) and s["observed"] is None
+    assert s["tissue_coverage"] == float(want.obs["tissue_coverage"].iloc[0])
+    img = cv2.imdecode(np.frombuffer(state.overlay_png("CD74", "var_epistemic"), np.uint8), cv2.IMREAD_UNCHANGED)
+    k = 2048 / 4000
+    assert img[int((y - 450) * k), int((x + 450) * k), 3] == 255  # squares, corners painted
+    job = state.explain(sid, "CD74")
+    for _ in range(600):
+        if job.state in ("done", "error"):
+            break
+        time.sleep(0.1)
+    assert job.state == "done", job.error
+    assert job.result["png"][:4] == b"\x89PNG" and job.result["samples"] == 10
+    state.close()
