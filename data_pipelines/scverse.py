@@ -29,7 +29,7 @@ from data_pipelines import keys
 from data_pipelines.errors import StimageError
 
 __all__ = ["HIRES_MAX_PX", "LOWRES_MAX_PX", "IMAGE_ROOT_ENV", "add_images", "portable_paths",
-           "resolve_image_paths", "scverse_ready", "set_image_root", "image_root", "library_images"]
+           "resolve_image_paths", "scverse_ready", "set_image_root", "image_root", "library_images", "shrunk_image"]
 
 HIRES_MAX_PX = 2000  # Space Ranger's tissue_hires_image.png: longer side 2,000 px
 LOWRES_MAX_PX = 600  # Space Ranger's tissue_lowres_image.png: longer side 600 px
@@ -80,24 +80,24 @@ def _shrink(img: np.ndarray, max_side: int) -> tuple[np.ndarray, float]:
     return out, tw / w
 
 
-def _hires(slide) -> tuple[np.ndarray, float]:
-    """(RGB uint8 with longer side min(2,000, the slide's), its px per slide px).
+def shrunk_image(slide, max_side: int = HIRES_MAX_PX) -> tuple[np.ndarray, float]:
+    """(RGB uint8 with longer side min(max_side, the slide's), its px per slide px).
 
     ``Slide.thumbnail`` starts from a TIFF pyramid's *smallest* level (right for a tissue
-    mask, too coarse here), so for a tifffile pyramid the smallest level at least 2,000 px
-    long is used, shrunk band by band; OpenSlide and decoded images already start from the
+    mask, too coarse here), so for a tifffile pyramid the smallest level at least
+    ``max_side`` px long is used, shrunk band by band; OpenSlide and decoded images already start from the
     level nearest above."""
     from data_pipelines.wsi import _shrink_in_strips
 
     levels = getattr(getattr(slide, "_reader", None), "levels", None)
-    target = min(HIRES_MAX_PX, max(slide.width, slide.height))
+    target = min(max_side, max(slide.width, slide.height))
     if levels and max(levels[-1].width, levels[-1].height) < target:
         lev = next(lv for lv in reversed(levels) if max(lv.width, lv.height) >= target) \
             if any(max(lv.width, lv.height) >= target for lv in levels) else levels[0]
         img = _shrink_in_strips(lambda r0, r1: lev.read(0, r0, lev.width, r1 - r0, cache=False),
                                 lev.width, lev.height, target, lev.chunk_rows)
         return np.ascontiguousarray(img[..., :3], dtype=np.uint8), img.shape[1] / slide.width
-    img, f = slide.thumbnail(HIRES_MAX_PX)
+    img, f = slide.thumbnail(max_side)
     return np.ascontiguousarray(img[..., :3], dtype=np.uint8), float(f)
 
 
@@ -113,7 +113,7 @@ def library_images(image_path: str | os.PathLike, image_scale: float = 1.0) -> t
     from data_pipelines.wsi import open_slide
 
     slide = open_slide(image_path, mpp=1.0)  # mpp unused here: only pixels are read
-    hires, f_hi = _hires(slide)
+    hires, f_hi = shrunk_image(slide, HIRES_MAX_PX)
     lowres, f_lo = _shrink(hires, LOWRES_MAX_PX)
     return ({"hires": hires, "lowres": lowres},
             {HIRES_SCALEF: float(f_hi * image_scale), LOWRES_SCALEF: float(f_hi * f_lo * image_scale)})

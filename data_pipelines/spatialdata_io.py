@@ -83,7 +83,9 @@ def _lazy_image(path: str, max_px: int | None):
 
     slide = open_slide(path, mpp=1.0)  # pixels only
     if max_px is not None and max(slide.width, slide.height) > max_px:
-        thumb, f = slide.thumbnail(max_px)
+        from data_pipelines.scverse import shrunk_image
+
+        thumb, f = shrunk_image(slide, max_px)
         return da.from_array(np.ascontiguousarray(np.moveaxis(thumb[..., :3], -1, 0)),
                              chunks=(3, _CHUNK, _CHUNK)), f
     w, h = slide.width, slide.height
@@ -291,11 +293,12 @@ def check_output(path: str | os.PathLike, overwrite: bool, inputs=()) -> Path:
     return path
 
 
-def write_output(adata, path: str | os.PathLike, *, overwrite: bool = False) -> Path:
-    """Write ``adata`` as SpatialData when ``path`` ends in ``.zarr``, else as a scanpy-ready
+def write_output(adata, path: str | os.PathLike, *, overwrite: bool = False, max_image_px: int | None = None) -> Path:
+    """Write ``adata`` as SpatialData when ``path`` ends in ``.zarr`` (its H&E at most
+    ``max_image_px`` on the longer side; None = full resolution), else as a scanpy-ready
     ``.h5ad`` (:func:`data_pipelines.io.write_h5ad`)."""
     from data_pipelines.io import write_h5ad
 
     if is_zarr(path):
-        return write_spatialdata(adata, path, overwrite=overwrite)
+        return write_spatialdata(adata, path, overwrite=overwrite, max_image_px=max_image_px)
     return write_h5ad(adata, path, overwrite=overwrite)

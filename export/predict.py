@@ -36,7 +36,8 @@ def run(model, a) -> str:
     if a.slide:
         pred, maps = slide_to_files(a.slide, model, a.out, mpp=a.mpp, heatmap_genes=_csv(a.genes),
                                     min_coverage=a.min_coverage, batch_size=a.batch_size, overwrite=a.overwrite,
-                                    progress=not a.quiet, interval=a.interval)
+                                    progress=not a.quiet, interval=a.interval,
+                                    zarr_image_px=getattr(a, "zarr_image_px", None))
         lines = [f"heatmap -> {p}" for p in maps]
         what = "tiles"
     else:
@@ -45,7 +46,7 @@ def run(model, a) -> str:
         check_output(a.out, a.overwrite, [a.data])
         pred = predict_adata(read_h5ad(a.data), model, batch_size=a.batch_size, progress=not a.quiet,
                              interval=a.interval)
-        write_output(pred, a.out, overwrite=a.overwrite)
+        write_output(pred, a.out, overwrite=a.overwrite, max_image_px=getattr(a, "zarr_image_px", None))
         lines, what = [], "spots"
     prov = pred.uns["stimage"]["prediction"]
     how = ", ".join([prov.get("runtime", "")] + list(prov.get("providers", [])))
@@ -53,9 +54,14 @@ def run(model, a) -> str:
 
 
 def add_image_root(ap: argparse.ArgumentParser) -> None:
-    """--image-root: where relative or moved image references of --data are looked up."""
+    """--image-root: where relative or moved image references of --data are looked up;
+    --zarr-image-px: the H&E size in a SpatialData (.zarr) output."""
+    from export.runtime.options import positive_int
+
     ap.add_argument("--image-root", help="folder the --data file's image references are resolved against "
                                          "(default: the file's own folder; also $STIMAGE_IMAGE_ROOT)")
+    ap.add_argument("--zarr-image-px", type=positive_int, metavar="PX",
+                    help="--out X.zarr: store the H&E at most PX px on its longer side (default: full resolution)")
 
 
 def build_parser() -> argparse.ArgumentParser:

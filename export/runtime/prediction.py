@@ -219,10 +219,11 @@ def write_heatmaps(pred: ad.AnnData, genes, out_prefix, *, cell_px: int = 8, ove
 
 def slide_to_files(slide_path, predictor, out, *, mpp: float | None = None, heatmap_genes=(),
                    min_coverage: float = DEFAULT_MIN_COVERAGE, batch_size: int = 32, overwrite: bool = False,
-                   progress: bool = True, interval: float = 0.8):
+                   progress: bool = True, interval: float = 0.8, zarr_image_px: int | None = None):
     """The ``--slide`` command for any runtime: predict, write ``out`` (.h5ad) and
     ``<out stem>_<gene>.png`` heatmaps. Unknown genes and every existing output are refused
-    before any work, so a failure never leaves a half-written set."""
+    before any work, so a failure never leaves a half-written set. ``out`` ending in ``.zarr``
+    writes SpatialData (the slide at most ``zarr_image_px`` px long; None = full resolution)."""
     from data_pipelines.io import check_distinct, check_writable
     from data_pipelines.spatialdata_io import check_output, write_output
     from data_pipelines.wsi import open_slide
@@ -237,5 +238,5 @@ def slide_to_files(slide_path, predictor, out, *, mpp: float | None = None, heat
         check_distinct(p, slide_path)
     pred = predict_slide(open_slide(slide_path, mpp=mpp), predictor, min_coverage=min_coverage,
                          batch_size=batch_size, progress=progress, interval=interval)
-    write_output(pred, out, overwrite=overwrite)  # .h5ad (scanpy-ready) or .zarr (SpatialData)
+    write_output(pred, out, overwrite=overwrite, max_image_px=zarr_image_px)  # .h5ad (scanpy-ready) or .zarr
     return pred, write_heatmaps(pred, heatmap_genes, _stem(out), overwrite=overwrite)

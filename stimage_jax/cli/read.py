@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from export.runtime.options import positive_int
 from stimage_jax.cli import read_xenium
 from stimage_jax.cli.common import add_overwrite, csv
 
@@ -27,12 +28,14 @@ def add_parser(sub, parents) -> None:
                    help="HER2ST/HEST: read counts of sections without an H&E image")
     r.add_argument("--image-root", help="store image paths relative to DIR when the images lie below it "
                                         "(resolved against --image-root / $STIMAGE_IMAGE_ROOT when read)")
+    r.add_argument("--zarr-image-px", type=positive_int, metavar="PX",
+                   help=".zarr outputs: store the H&E at most PX px on its longer side (default: full resolution)")
     read_xenium.add_arguments(r)
     add_overwrite(r)
     r.set_defaults(func=run)
 
 
-def _write_each(names, read_one, out_dir, ext: str, overwrite: bool) -> None:
+def _write_each(names, read_one, out_dir, ext: str, overwrite: bool, image_px: int | None) -> None:
     """One output per section/sample in ``out_dir``; every target refused before reading any."""
     from data_pipelines.spatialdata_io import check_output, write_output
 
@@ -41,7 +44,7 @@ def _write_each(names, read_one, out_dir, ext: str, overwrite: bool) -> None:
         check_output(t, overwrite)
     for n, t in zip(names, targets):
         adata = read_one(n)
-        write_output(adata, t, overwrite=overwrite)
+        write_output(adata, t, overwrite=overwrite, max_image_px=image_px)
         print(f"{n}: {adata.n_obs} spots x {adata.n_vars} genes -> {t}")
 
 
@@ -56,15 +59,15 @@ def run(a) -> None:
         return read_xenium.run(a)
     if a.format == "her2st":
         _write_each(csv(a.sections), lambda s: read_her2st(a.path, s, require_image=not a.allow_missing_image),
-                    a.out, a.out_format, a.overwrite)
+                    a.out, a.out_format, a.overwrite, a.zarr_image_px)
     elif a.format == "hest":
         ids = csv(a.ids) or hest_ids(a.path)
         if not ids:
             raise StimageError(f"no HEST samples under {Path(a.path) / 'st'} (expected st/<id>.h5ad)")
         _write_each(ids, lambda i: read_hest(a.path, i, require_image=not a.allow_missing_image),
-                    a.out, a.out_format, a.overwrite)
+                    a.out, a.out_format, a.overwrite, a.zarr_image_px)
     else:  # visium
         check_output(a.out, a.overwrite)
         adata = read_visium(a.path, image=a.image, sample_id=a.sample_id)
-        write_output(adata, a.out, overwrite=a.overwrite)
+        write_output(adata, a.out, overwrite=a.overwrite, max_image_px=a.zarr_image_px)
         print(f"{adata.n_obs} spots x {adata.n_vars} genes -> {a.out}")

@@ -95,11 +95,15 @@ def test_cli_read_hest_writes_h5ad_and_zarr(hest_root, tmp_path, capsys):
     assert main(["read", "hest", str(root), "--ids", "SPA999", "--out", str(tmp_path / "h")]) == 0
     a = ad.read_h5ad(tmp_path / "h" / "SPA999.h5ad")
     assert a.n_obs == src.n_obs - 1 and keys.IMAGES in a.uns[keys.SPATIAL_UNS]["SPA999"]
-    assert main(["read", "hest", str(root), "--out", str(tmp_path / "z"), "--as", "zarr"]) == 0
+    assert main(["read", "hest", str(root), "--out", str(tmp_path / "z"), "--as", "zarr", "--zarr-image-px", "800"]) == 0
     from data_pipelines.slides.h5ad import read_anndata
 
     z = read_anndata(tmp_path / "z" / "SPA999.zarr")
     np.testing.assert_array_equal(z.X.toarray(), a.X.toarray())
+    import spatialdata as sd
+
+    img = sd.read_zarr(tmp_path / "z" / "SPA999.zarr").images["SPA999_he"]["scale0"]["image"]
+    assert max(img.shape[1:]) == 800
     capsys.readouterr()
     assert main(["read", "hest", str(root), "--ids", "NOPE", "--out", str(tmp_path / "n")]) == 2
     err = capsys.readouterr().err
