@@ -46,15 +46,26 @@ def image_root() -> Path | None:
     return Path(raw) if raw else None
 
 
-def set_image_root(path: str | os.PathLike | None) -> None:
-    """``--image-root DIR``: re-point relative (and moved absolute) image references to ``DIR``
-    for this process and the processes it starts (through ``$STIMAGE_IMAGE_ROOT``)."""
+@contextlib.contextmanager
+def set_image_root(path: str | os.PathLike | None) -> Iterator[None]:
+    """``with set_image_root(DIR):`` (``--image-root DIR``) re-points relative (and moved
+    absolute) image references to ``DIR`` for the command and the processes it starts (through
+    ``$STIMAGE_IMAGE_ROOT``); the variable is restored afterwards. None: no change."""
     if path is None:
+        yield
         return
     p = Path(path)
     if not p.is_dir():
         raise StimageError(f"--image-root {p} is not a folder")
+    old = os.environ.get(IMAGE_ROOT_ENV)
     os.environ[IMAGE_ROOT_ENV] = str(p.resolve())
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop(IMAGE_ROOT_ENV, None)
+        else:
+            os.environ[IMAGE_ROOT_ENV] = old
 
 
 def _libraries(adata) -> dict:

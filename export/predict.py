@@ -29,10 +29,15 @@ def run(model, a) -> str:
     """Predict ``a.data`` or ``a.slide`` with any predictor and write ``a.out``; the
     summary line. Shared by ``stimage predict`` (JAX or ONNX models) and this module."""
     from data_pipelines.scverse import set_image_root
+
+    with set_image_root(getattr(a, "image_root", None)):
+        return _run(model, a)
+
+
+def _run(model, a) -> str:
     from data_pipelines.spatialdata_io import check_output, write_output
     from export.runtime.prediction import predict_adata, slide_to_files
 
-    set_image_root(getattr(a, "image_root", None))
     if a.slide:
         pred, maps = slide_to_files(a.slide, model, a.out, mpp=a.mpp, heatmap_genes=_csv(a.genes),
                                     min_coverage=a.min_coverage, batch_size=a.batch_size, overwrite=a.overwrite,

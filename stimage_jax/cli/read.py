@@ -49,12 +49,17 @@ def _write_each(names, read_one, out_dir, ext: str, overwrite: bool, image_px: i
 
 
 def run(a) -> None:
-    from data_pipelines.errors import StimageError
     from data_pipelines.scverse import set_image_root
+
+    with set_image_root(a.image_root):
+        _run(a)
+
+
+def _run(a) -> None:
+    from data_pipelines.errors import StimageError
     from data_pipelines.slides import hest_ids, read_hest, read_her2st, read_visium
     from data_pipelines.spatialdata_io import check_output, write_output
 
-    set_image_root(a.image_root)
     if a.format == "xenium":
         return read_xenium.run(a)
     if a.format == "her2st":

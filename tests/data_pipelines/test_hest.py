@@ -104,6 +104,18 @@ def test_cli_read_hest_writes_h5ad_and_zarr(hest_root, tmp_path, capsys):
 
     img = sd.read_zarr(tmp_path / "z" / "SPA999.zarr").images["SPA999_he"]["scale0"]["image"]
     assert max(img.shape[1:]) == 800
+    # --image-root ROOT: the WSI is stored as wsis/SPA999.tif, found again under any root given later
+    assert main(["read", "hest", str(root), "--ids", "SPA999", "--out", str(tmp_path / "r"), "--image-root", str(root)]) == 0
+    import h5py
+
+    with h5py.File(tmp_path / "r" / "SPA999.h5ad") as f:
+        assert f["uns/spatial/SPA999/metadata/image_path"][()].decode() == "wsis/SPA999.tif"
+    from data_pipelines.scverse import IMAGE_ROOT_ENV, set_image_root
+
+    assert IMAGE_ROOT_ENV not in __import__("os").environ  # the command restored the environment
+    with set_image_root(root):
+        r = read_anndata(tmp_path / "r" / "SPA999.h5ad")
+    assert r.uns[keys.SPATIAL_UNS]["SPA999"]["metadata"][keys.IMAGE_PATH] == str((root / "wsis" / "SPA999.tif").resolve())
     capsys.readouterr()
     assert main(["read", "hest", str(root), "--ids", "NOPE", "--out", str(tmp_path / "n")]) == 2
     err = capsys.readouterr().err
