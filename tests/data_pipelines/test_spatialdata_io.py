@@ -91,3 +91,37 @@ def test_her2st_section_to_zarr_and_back_through_read_anndata(her2st_root, tmp_p
     (tmp_path / "bad.zarr" / "tables").mkdir()
     with pytest.raises(StimageError, match="bad.zarr"):
         read_anndata(tmp_path / "bad.zarr")
+
+
+@pytest.mark.real_data
+def test_our_visium_store_agrees_with_spatialdata_io_and_its_store_reads_back(shared, tmp_path):
+    """spatialdata-io's own Visium reader is the reference: the same circles (centres in
+    full-resolution px, radius = spot_diameter_fullres / 2), the same counts per barcode, and
+    the same image-to-spot scale (1 / tissue_hires_scalef). Its store is readable by ours."""
+    import spatialdata as sd
+    import spatialdata_io
+    from spatialdata.transformations import get_transformation
+
+    from data_pipelines.slides import read_visium
+    from data_pipelines.spatialdata_io import _regular_chunks
+
+    root = shared / "data" / "visium_fixture"
+    ref = spatialdata_io.visium(root, dataset_id="fx")
+    ours_a = read_visium(root, sample_id="fx")
+    write_spatialdata(ours_a, tmp_path / "ours.zarr")
+    ours = sd.read_zarr(tmp_path / "ours.zarr")
+    rt, ot = ref.tables["table"], ours.tables["table"]
+    barcodes = [n.removeprefix("fx_") for n in ot.obs_names]
+    ref_pos = ref.shapes["fx"].loc[rt.obs.loc[barcodes, "spot_id"].to_numpy()]
+    our_pos = ours.shapes["fx_spots"].loc[ot.obs["instance_id"].to_numpy()]
+    np.testing.assert_allclose(np.c_[our_pos.geometry.x, our_pos.geometry.y], np.c_[ref_pos.geometry.x, ref_pos.geometry.y])
+    np.testing.assert_allclose(our_pos["radius"].to_numpy(), ref_pos["radius"].to_numpy(), rtol=1e-6)
+    np.testing.assert_array_equal(ot.X.toarray(), rt[barcodes].X.toarray())
+    ref_scale = get_transformation(ref.images["fx_hires_image"], "fx").to_affine_matrix(("x",), ("x",))[0, 0]
+    t_img = get_transformation(ours.images["fx_he"], "global").to_affine_matrix(("x",), ("x",))[0, 0]
+    t_spot = get_transformation(ours.shapes["fx_spots"], "global").to_affine_matrix(("x",), ("x",))[0, 0]
+    assert t_img / t_spot == pytest.approx(ref_scale, rel=1e-6)  # image px -> spot (full-res) px
+    with _regular_chunks():
+        ref.write(tmp_path / "ref.zarr")
+    back = read_spatialdata(tmp_path / "ref.zarr")
+    np.testing.assert_allclose(back[[f"{b}" for b in barcodes]].obsm[keys.SPATIAL], ours_a.obsm[keys.SPATIAL])
