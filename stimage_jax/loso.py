@@ -13,7 +13,7 @@ with :func:`stimage_jax.metrics.evaluate` (per gene, per sample: never pooled). 
   nearest spots' features of the same sample), ``stimage_tta`` (features averaged over
   the 8 dihedral views of the tile), ``stimage_smooth`` (each member's NB mean smoothed
   half-and-half with its neighbours' means, moments recomputed) and their combinations
-  ``stimage_ctx_smooth``, ``stimage_tta_ctx``, ``stimage_tta_ctx_smooth``. All are
+  ``stimage_ctx_smooth``, ``stimage_tta_smooth``, ``stimage_tta_ctx``, ``stimage_tta_ctx_smooth``. All are
   image-only: nothing reads the held-out sample's expression.
 
 Outputs under ``workdir``: ``folds/<sample>/<method>.csv`` (one row per gene; a fold's
@@ -40,8 +40,8 @@ from stimage_jax.ensemble.train import TrainConfig
 __all__ = ["METHODS", "DEFAULT_METHODS", "CONTEXT_METHODS", "run_loso", "summary_markdown", "plot_boxplots"]
 
 DEFAULT_METHODS = ("stimage", "stimage_single", "ridge", "mse")
-CONTEXT_METHODS = ("stimage_smooth", "stimage_ctx", "stimage_ctx_smooth", "stimage_tta", "stimage_tta_ctx",
-                   "stimage_tta_ctx_smooth")
+CONTEXT_METHODS = ("stimage_smooth", "stimage_ctx", "stimage_ctx_smooth", "stimage_tta", "stimage_tta_smooth",
+                   "stimage_tta_ctx", "stimage_tta_ctx_smooth")
 METHODS = DEFAULT_METHODS + CONTEXT_METHODS
 VARIANT_KEY = "stimage_variant_features"  # obsm key of a variant's features (an embedding source)
 log = logging.getLogger("stimage")
