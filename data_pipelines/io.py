@@ -111,8 +111,8 @@ def write_h5ad(adata, path: str | os.PathLike, overwrite: bool = False) -> Path:
     (images, scale factors, image paths relative to the file: :func:`data_pipelines.scverse.scverse_ready`)."""
     from data_pipelines.scverse import scverse_ready
 
-    with atomic_path(path, overwrite=overwrite) as tmp, scverse_ready(adata, path):
-        adata.write_h5ad(tmp, compression="gzip")
+    with atomic_path(path, overwrite=overwrite) as tmp, scverse_ready(adata, path) as ready:
+        ready.write_h5ad(tmp, compression="gzip")
     return Path(path)
 
 

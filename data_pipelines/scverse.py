@@ -219,13 +219,16 @@ def resolve_image_paths(adata, source: str | os.PathLike) -> None:
 
 
 @contextlib.contextmanager
-def scverse_ready(adata, out_path: str | os.PathLike) -> Iterator[None]:
-    """While writing ``adata`` to ``out_path``: images and scale factors added, image paths
-    portable; afterwards ``adata.uns`` is exactly what it was (the caller's object is not
-    changed by writing it)."""
+def scverse_ready(adata, out_path: str | os.PathLike) -> Iterator:
+    """``with scverse_ready(adata, out) as obj: obj.write_h5ad(...)``: ``obj`` has the images
+    and scale factors added and portable image paths; afterwards ``adata.uns`` is exactly what
+    it was (the caller's object is not changed by writing it; a view is copied, not turned
+    into an actual AnnData)."""
     if not _libraries(adata):
-        yield
+        yield adata
         return
+    if getattr(adata, "is_view", False):
+        adata = adata.copy()
     saved = adata.uns[keys.SPATIAL_UNS]
     work = {}
     for lib, entry in saved.items():  # copy the small dicts, share the (read-only) arrays
@@ -239,6 +242,6 @@ def scverse_ready(adata, out_path: str | os.PathLike) -> Iterator[None]:
     try:
         add_images(adata)
         portable_paths(adata, out_path)
-        yield
+        yield adata
     finally:
         adata.uns[keys.SPATIAL_UNS] = saved

@@ -75,6 +75,9 @@ def test_writing_keeps_the_callers_object_and_stores_paths_relative(tmp_path):
         assert f["uns/spatial/s/images/hires"].shape == (2000, 1500, 3)
     b = read_anndata(out)
     assert sample_image_path(b, "s") == str(path.resolve())
+    view = a[:1]
+    write_h5ad(view, tmp_path / "data" / "view.h5ad")
+    assert view.is_view and read_anndata(tmp_path / "data" / "view.h5ad").n_obs == 1
 
 
 def test_a_moved_folder_still_finds_its_images_and_a_missing_one_is_one_clear_error(tmp_path, monkeypatch):
