@@ -11,14 +11,14 @@ from __future__ import annotations
 import sys
 
 from export.runtime.options import OneLineParser, quiet_logs, run_command
-from stimage_jax.cli import (benchmark, cells, clinical, cohort, evaluate, explain, export_onnx, latent, predict,
-                             quickstart, read, segment_nuclei, serve, train, view)
+from stimage_jax.cli import (benchmark, cells, clinical, cohort, evaluate, explain, export_dataset, export_onnx, latent,
+                             predict, quickstart, read, segment_nuclei, serve, train, view)
 from stimage_jax.cli.common import common_parent
 
 __all__ = ["main", "build_parser", "COMMANDS"]
 
 # Subcommands in the order `stimage --help` lists them; each module has add_parser(sub, parents).
-COMMANDS = (read, train, predict, export_onnx, evaluate, explain, latent, segment_nuclei, benchmark, cells,
+COMMANDS = (read, train, predict, export_onnx, export_dataset, evaluate, explain, latent, segment_nuclei, benchmark, cells,
             quickstart, serve, cohort, clinical, view)
 
 
