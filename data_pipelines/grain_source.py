@@ -44,11 +44,10 @@ def spot_loader(directory: str | os.PathLike, *, batch_size: int, seed: int, num
         source = _Subset(source, np.asarray(records, np.int64))
     if len(source) == 0:
         raise StimageError(f"dataset {directory} has no records to read")
-    if shard_index is None or shard_count is None:
-        import jax
-
-        shard_index, shard_count = jax.process_index(), jax.process_count()
-    shards = grain.ShardOptions(shard_index=shard_index, shard_count=shard_count, drop_remainder=True)
+    if shard_index is None or shard_count is None:  # grain asks JAX for this process's index and count
+        shards = grain.ShardByJaxProcess(drop_remainder=True)
+    else:
+        shards = grain.ShardOptions(shard_index=shard_index, shard_count=shard_count, drop_remainder=True)
     sampler = grain.IndexSampler(len(source), shard_options=shards, shuffle=shuffle, num_epochs=num_epochs,
                                  seed=int(seed) % (2 ** 32))
     return grain.DataLoader(data_source=source, sampler=sampler, worker_count=worker_count,
