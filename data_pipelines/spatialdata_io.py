@@ -131,6 +131,14 @@ def to_spatialdata(adata, *, max_image_px: int | None = None, table_uns: bool = 
     ``uns["spatial"]`` keeps the scverse images and scale factors, so the table alone is
     still what ``sc.pl.spatial`` plots.
     """
+    with warnings.catch_warnings():
+        # spatialdata/ome-zarr's own deprecations (its Scaler use), not the user's business
+        warnings.simplefilter("ignore", DeprecationWarning)
+        warnings.simplefilter("ignore", FutureWarning)
+        return _to_spatialdata(adata, max_image_px, table_uns)
+
+
+def _to_spatialdata(adata, max_image_px: int | None, table_uns: bool):
     _need_spatialdata()
     import anndata as ad
     import pandas as pd
@@ -175,7 +183,7 @@ def to_spatialdata(adata, *, max_image_px: int | None = None, table_uns: bool = 
             um_per_px = mpp / (scale * f)  # µm per pixel of the stored image
             images[f"{lib}_he"] = Image2DModel.parse(
                 data, dims=("c", "y", "x"), c_coords=["r", "g", "b"],
-                scale_factors=_levels(*data.shape[1:]) or None, chunks=(3, _CHUNK, _CHUNK),
+                scale_factors=_levels(*data.shape[1:]) or None, chunks={"c": 3, "y": _CHUNK, "x": _CHUNK},
                 transformations={cs: Scale([um_per_px, um_per_px], axes=("y", "x"))})
     table.obs[REGION_KEY] = pd.Categorical(region.astype(str))
     table.obs[INSTANCE_KEY] = instance
