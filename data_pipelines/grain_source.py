@@ -50,6 +50,11 @@ def spot_loader(directory: str | os.PathLike, *, batch_size: int, seed: int, num
         shards = grain.ShardOptions(shard_index=shard_index, shard_count=shard_count, drop_remainder=True)
     sampler = grain.IndexSampler(len(source), shard_options=shards, shuffle=shuffle, num_epochs=num_epochs,
                                  seed=int(seed) % (2 ** 32))
+    if worker_count > 0:
+        from absl import flags
+
+        if not flags.FLAGS.is_parsed():  # grain's worker processes read absl flags; outside absl.app, defaults
+            flags.FLAGS.mark_as_parsed()
     return grain.DataLoader(data_source=source, sampler=sampler, worker_count=worker_count,
                             operations=[_MapOp(fields), grain.Batch(batch_size, drop_remainder=drop_remainder)])
 
