@@ -77,7 +77,7 @@ def export_dataset(adatas: Sequence, genes: Sequence[str], out: str | os.PathLik
     """
     import tensorflow_datasets as tfds
 
-    from data_pipelines.tiles import spot_tiles, stain_tag
+    from data_pipelines.tiles import spot_tiles, stain_tag, tile_geometry
 
     if not progress:
         tfds.disable_progress_bar()
@@ -108,7 +108,11 @@ def export_dataset(adatas: Sequence, genes: Sequence[str], out: str | os.PathLik
                 yield f"{ranges[s][0] + i:012d}", {"tile": np.asarray(tiles[i]), "counts": counts[i],
                                                    "sample": s, "spot": str(spot), "xy": xy[i]}
 
-    meta = {"format": "stimage-tfds/1", "genes": genes, "samples": ranges, "tile_um": tile_um,
+    # the physical tile size actually cut (default: the spot diameter, which must then be common)
+    ums = {tile_geometry(a, tile_um, tile_px)["tile_um"] for a in adatas}
+    if len(ums) != 1:
+        raise StimageError(f"samples have different spot diameters {sorted(ums)} µm; pass --tile-um")
+    meta = {"format": "stimage-tfds/1", "genes": genes, "samples": ranges, "tile_um": float(ums.pop()),
             "tile_px": int(tile_px), "stain": stain_tag(stain),
             "stain_reference": None if stain is None else stain.to_dict()}
     with atomic_dir(out) as tmp:

@@ -31,6 +31,7 @@ def test_dataset_reads_back_without_tensorflow(exported):
     assert (out / "dataset_info.json").is_file() and any("array_record" in p.name for p in out.iterdir())
     meta = dataset_metadata(out)
     assert meta["genes"] == ["A", "B"] and meta["samples"] == {"s0": [0, 64], "s1": [64, 128]} and len(src) == 128
+    assert meta["tile_um"] == 26.0 and meta["tile_px"] == 32 and meta["stain"] == "raw"  # the spot diameter
     for p, (lo, hi) in zip(paths, meta["samples"].values()):
         a = ad.read_h5ad(p)
         tiles = spot_tiles(a, tile_px=32, progress=False)
