@@ -143,23 +143,60 @@ def calibration_tiles(sections, meta: dict[str, str], n_tiles: int = DEFAULT_CAL
     return tiles, info
 
 
+def _feature_tail(proto) -> list[str]:
+    """Names of the nodes that make the backbone's last feature map: walking back from each
+    global pooling (``ReduceMean``/``GlobalAveragePool``) through activations, residual
+    additions and layout ops to the first convolution on each path (included). The heads
+    standardise every feature by its training spread, so noise on a low-spread feature is
+    amplified many times: these few nodes (3-4 % of the FLOPs) stay fp32."""
+    nodes = list(proto.graph.node)
+    producer = {o: n for n in nodes for o in n.output}
+    passthrough = {"Relu", "Clip", "Add", "Transpose", "BatchNormalization", "Mul", "Identity"}
+    keep, stack = [], [n.input[0] for n in nodes if n.op_type in ("ReduceMean", "GlobalAveragePool")]
+    seen = set()
+    while stack:
+        n = producer.get(stack.pop())
+        if n is None or n.name in seen:
+            continue
+        seen.add(n.name)
+        if n.op_type == "Conv":
+            keep.append(n.name)
+        elif n.op_type in passthrough:
+            keep.append(n.name)
+            # a residual addition: follow only its first operand's path to a convolution
+            stack.append(n.input[0])
+    return keep
+
+
 class _TileReader:
-    """onnxruntime's CalibrationDataReader protocol over uint8 tiles, in batches."""
+    """onnxruntime's CalibrationDataReader protocol over uint8 tiles, in batches; ``set_range``
+    lets the calibrator take one batch at a time (``CalibStridedMinMax``) and merge its ranges,
+    so memory holds one batch of activations, not every batch's."""
 
     def __init__(self, tiles: np.ndarray, batch_size: int, progress: bool):
         from tqdm.auto import tqdm
 
-        starts = range(0, len(tiles), batch_size)
-        self._it = iter(tqdm([tiles[s:s + batch_size] for s in starts], desc="calibrate", disable=not progress,
-                             leave=False))
+        self._batches = [tiles[s:s + batch_size] for s in range(0, len(tiles), batch_size)]
+        self._bar = tqdm(total=len(self._batches), desc="calibrate", disable=not progress, leave=False)
+        self.set_range(0, len(self._batches))
+
+    def __len__(self) -> int:
+        return len(self._batches)
+
+    def set_range(self, start_index: int, end_index: int) -> None:
+        self._it = iter(self._batches[start_index:end_index])
 
     def get_next(self):
         batch = next(self._it, None)
-        return None if batch is None else {"tiles": batch}
+        if batch is None:
+            return None
+        self._bar.update(1)
+        return {"tiles": batch}
 
 
-def quantize_int8(model, tiles: np.ndarray, *, batch_size: int = 32, per_channel: bool = True,
-                  progress: bool = False, calibration: dict | None = None):
+def quantize_int8(model, tiles: np.ndarray, *, batch_size: int = 8, per_channel: bool = True,
+                  progress: bool = False, calibration: dict | None = None, fp32_tail: bool = True,
+                  method: str = "minmax"):
     """fp32 export (path or ModelProto) + calibration tiles (N, px, px, 3) uint8 → the static
     QDQ int8 ModelProto (same inputs, outputs and metadata, plus ``quantization``)."""
     import onnx
@@ -177,11 +214,18 @@ def quantize_int8(model, tiles: np.ndarray, *, batch_size: int = 32, per_channel
         onnx.save_model(proto, src)
         # folds batch norms into the convolutions (per-channel weights are then the real ones)
         quant_pre_process(str(src), str(pre), skip_symbolic_shape=True)
+        pre_proto = onnx.load(str(pre))
+        exclude = _feature_tail(pre_proto) if fp32_tail else []
+        methods = {"minmax": CalibrationMethod.MinMax, "percentile": CalibrationMethod.Percentile,
+                   "entropy": CalibrationMethod.Entropy}
         quantize_static(str(pre), str(out), _TileReader(tiles, batch_size, progress), quant_format=QuantFormat.QDQ,
                         op_types_to_quantize=list(QUANTIZED_OPS), per_channel=per_channel,
                         activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
-                        calibrate_method=CalibrationMethod.MinMax,
-                        extra_options={"WeightSymmetric": True, "ActivationSymmetric": False})
+                        calibrate_method=methods[method], nodes_to_exclude=exclude,
+                        # ranges merged batch by batch: memory stays one batch of activations
+                        extra_options={"WeightSymmetric": True, "ActivationSymmetric": False,
+                                       "CalibStridedMinMax": 1} if method == "minmax" else
+                        {"WeightSymmetric": True, "ActivationSymmetric": False})
         q = onnx.load(str(out))
     record = {"scheme": "int8", "format": "QDQ", "ops": list(QUANTIZED_OPS),
               "weights": "int8 symmetric per-channel" if per_channel else "int8 symmetric per-tensor",
