@@ -16,6 +16,7 @@ module stays importable by the JAX-free runtime without it.
 from __future__ import annotations
 
 import functools
+import hashlib
 import json
 import os
 import shutil
@@ -96,6 +97,8 @@ def export_dataset(adatas: Sequence, genes: Sequence[str], out: str | os.PathLik
         ranges[s] = [start, start + a.n_obs]
         start += a.n_obs
 
+    digest = hashlib.sha1(json.dumps(genes).encode())  # content key of every record, for resumable training
+
     def examples():
         for a in adatas:
             s = str(a.obs[keys.SAMPLE].iloc[0])
@@ -105,6 +108,9 @@ def export_dataset(adatas: Sequence, genes: Sequence[str], out: str | os.PathLik
             counts = (x.toarray() if hasattr(x, "toarray") else np.asarray(x)).astype(np.float32)
             xy = np.asarray(a.obsm[keys.SPATIAL], np.float64)
             for i, spot in enumerate(a.obs_names):
+                for part in (s.encode(), str(spot).encode(), np.ascontiguousarray(tiles[i]).tobytes(),
+                             counts[i].tobytes(), xy[i].tobytes()):
+                    digest.update(part)
                 yield f"{ranges[s][0] + i:012d}", {"tile": np.asarray(tiles[i]), "counts": counts[i],
                                                    "sample": s, "spot": str(spot), "xy": xy[i]}
 
@@ -124,6 +130,7 @@ def export_dataset(adatas: Sequence, genes: Sequence[str], out: str | os.PathLik
         for f in version.iterdir():
             shutil.move(str(f), tmp / f.name)
         shutil.rmtree(build)
+        meta["digest"] = digest.hexdigest()[:16]
         (tmp / METADATA_FILE).write_text(json.dumps(meta, indent=1))
     return out
 

@@ -90,6 +90,7 @@ class RunConfig:
     seed: int = 0
     val_samples: tuple[str, ...] | None = None
     strategy: str = "auto"
+    dataset: str | None = None  # an exported TFDS/ArrayRecord dataset folder instead of --data (fine-tuning)
     features: FeatureConfig = FeatureConfig()
     head: HeadConfig = HeadConfig()
     train: TrainConfig = TrainConfig()
@@ -139,6 +140,10 @@ class RunConfig:
         if self.task == "classify" and (self.members != 1 or f.fine_tune or f.embeddings):
             raise StimageError("--task classify fits one logistic model per gene on frozen backbone features "
                                "(no --members, --fine-tune or --embeddings)")
+        if self.dataset is not None and (self.task != "regress" or not f.fine_tune or f.embeddings
+                                         or f.stain not in (None, "none")):
+            raise StimageError("--dataset streams the exported tiles for --fine-tune (regression); the dataset "
+                               "carries its own stain normalisation (no --stain, --embeddings or --task classify)")
         if not (self.classify.C > 0 and 0.0 <= self.classify.l1_ratio <= 1.0):
             raise StimageError("--C must be positive and --l1-ratio in [0, 1]")
         return self

@@ -221,6 +221,10 @@ class _Run:
     low_coverage: dict
     stain_ref: object
     fingerprints: dict
+    # --dataset (stimage_jax.ensemble.dataset_train): per-sample counts, and lazy training /
+    # validation tiles by is_val, instead of reading and tiling ``adatas``
+    counts: list | None = None
+    tiles_for: object = None
 
     @property
     def backbone_sources(self) -> list[dict]:
@@ -396,13 +400,15 @@ def _members_for(run: _Run, mcfg: dict, src: dict, si: int, backbones, feats, y_
     init_keys = jnp.stack([jax.random.fold_in(jax.random.fold_in(key, i), 0) for i in ids])
     train_keys = jnp.stack([jax.random.fold_in(jax.random.fold_in(key, i), 1) for i in ids])
     if f.fine_tune:
-        tiles = [np.asarray(spot_tiles(a, **run.geometry, cache_dir=cache / "tiles", progress=False,
-                                       stain=run.stain_ref)) for a in run.adatas]
+        tiles = [] if run.tiles_for is not None else [np.asarray(spot_tiles(
+            a, **run.geometry, cache_dir=cache / "tiles", progress=False, stain=run.stain_ref)) for a in run.adatas]
         stacked = stack_members([build_member(mcfg, rngs=nnx.Rngs(k), source=src, backbone=create_backbone(
             src["backbone"], rngs=nnx.Rngs(0), weights=src["weights"])) for k in init_keys])
         init_head_from_data(stacked.head, f_tr, y_tr, loss=c.train.loss)
         mode = lambda net: (net.train(), net.backbone.eval())  # noqa: E731  BN statistics stay frozen
-        return stacked, _pick(tiles, run.is_val, False), y_tr, _pick(tiles, run.is_val, True), mode, ids, train_keys
+        x_tr, x_va = ((run.tiles_for(False), run.tiles_for(True)) if run.tiles_for is not None
+                      else (_pick(tiles, run.is_val, False), _pick(tiles, run.is_val, True)))
+        return stacked, x_tr, y_tr, x_va, mode, ids, train_keys
     x_tr, y_src = f_tr, y_tr
     if f.augment != "none" and src["kind"] == "backbone":
         # Frozen backbone: K augmented views of every training tile, as extra spots.
@@ -421,7 +427,7 @@ def _members_for(run: _Run, mcfg: dict, src: dict, si: int, backbones, feats, y_
 def _fit_sources(run: _Run, mcfg: dict, backbones, feats, workdir: Path, cache: Path, progress: bool):
     """Train every source's members → (member modules, log rows, best epochs)."""
     c = run.cfg
-    counts = [counts_matrix(a, run.genes) for a in run.adatas]
+    counts = run.counts if run.counts is not None else [counts_matrix(a, run.genes) for a in run.adatas]
     y_tr, y_va = _pick(counts, run.is_val, False), _pick(counts, run.is_val, True)
     key = jax.random.key(c.seed)
     trained, logs, best_epochs = [], [], []
@@ -460,6 +466,10 @@ def train(data, workdir: str | os.PathLike, config: RunConfig | TrainConfig | No
     cfg = run_config(config, **options)
     if cfg.task == "classify":
         return train_classifier(data, workdir, cfg, progress=progress, overwrite=overwrite, cache_dir=cache_dir)
+    if cfg.dataset is not None:  # tiles streamed from an exported TFDS/ArrayRecord dataset
+        from stimage_jax.ensemble.dataset_train import train_from_dataset
+
+        return train_from_dataset(cfg.dataset, workdir, cfg, progress=progress, overwrite=overwrite)
     strategy = resolve_strategy(cfg.strategy, trains_backbone=cfg.features.fine_tune)
     workdir = Path(workdir).absolute()
     run = _prepare(data, cfg)

@@ -99,6 +99,8 @@ def add_run_options(p: argparse.ArgumentParser, *, defaults: RunConfig = RunConf
         "else vmap", type=_choices(STRATEGIES))
     p.add_argument("--ensemble-strategy", dest="strategy", default=S, type=_choices(STRATEGIES), help=S)
     opt("--fine-tune", "train the backbone too (slow on CPU)", action="store_const", const=True)
+    opt("--dataset", "fine-tune from a dataset written by `stimage export-dataset` (TFDS/ArrayRecord; tiles are "
+        "streamed, not held in memory) instead of --data")
     opt("--val-samples", "samples used for early stopping, comma separated (default: the last one)")
     opt("--tile-um", "tile side in µm (default: spot diameter)", type=positive_float)
     opt("--tile-px", f"tile side in px (default {f.tile_px})", type=positive_int)

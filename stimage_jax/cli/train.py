@@ -10,7 +10,7 @@ from stimage_jax.cli.common import (add_distributed_options, add_overwrite, add_
 
 def add_parser(sub, parents) -> None:
     t = sub.add_parser("train", parents=list(parents), help="train an NB regression ensemble (or a classifier)")
-    t.add_argument("--data", nargs="+", required=True, help=".h5ad files (one or more samples each)")
+    t.add_argument("--data", nargs="+", help=".h5ad files (one or more samples each); or --dataset DIR")
     t.add_argument("--workdir", required=True)
     add_run_options(t)
     add_overwrite(t, "replace a different run in --workdir")
@@ -24,7 +24,12 @@ def run(a) -> None:
     initialize(distributed_from_args(a))  # before any JAX computation; no-op for one process
     from stimage_jax.pipeline import train
 
-    model = train(a.data, a.workdir, run_config_from_args(a), progress=not quiet(a), overwrite=a.overwrite)
+    cfg = run_config_from_args(a)
+    if (a.data is None) == (cfg.dataset is None):
+        from data_pipelines.errors import StimageError
+
+        raise StimageError("give the training data as --data FILE.h5ad ... or as --dataset DIR (one of them)")
+    model = train(a.data or [], a.workdir, cfg, progress=not quiet(a), overwrite=a.overwrite)
     c = model.config
     if getattr(model, "task", "") == "classify":
         print(f"trained high/low classifiers for {len(model.genes)} genes on {', '.join(c['training_samples'])} "
