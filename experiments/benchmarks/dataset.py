@@ -1,5 +1,6 @@
 """Input pipeline: fine-tuning batches from an exported TFDS/ArrayRecord dataset through grain
-vs from in-RAM arrays (tiles/s, ratio), and the reader's peak RSS on a 10x larger dataset.
+vs from in-RAM arrays (tiles/s, ratio), fine-tuning time from each (ratio), and the reader's
+peak RSS on a 10x larger dataset.
 
     python experiments/benchmarks/dataset.py [--spots 1000] [--tile-px 64] [--scale 10]
 
@@ -129,6 +130,27 @@ def main() -> None:
         ram = n / best(ram_epoch)
         grain0 = n / best(lambda: read_epoch(str(small), a.batch, 0))
         grain2 = n / best(lambda: read_epoch(str(small), a.batch, 2), reps=2)
+        # fine-tuning (tiny backbone, 1 member, 2 epochs): the same spots from h5ad (tiles in RAM)
+        # and streamed from the dataset; the two runs train the same model
+        from stimage_jax.pipeline import train
+
+        paths = []
+        for i, ad_ in enumerate(make_samples(tmp, a.spots, 2)):
+            paths.append(tmp / f"ft{i}.h5ad")
+            ad_.write_h5ad(paths[-1])
+        ft = dict(backbone="tiny", members=1, max_epochs=2, fine_tune=True, batch_size=a.batch, progress=False)
+        # a warm-up run of each first (compilation; the h5ad path's tile and feature caches), then
+        # the timed runs in fresh workdirs: the h5ad side reads cached tiles/features, the dataset
+        # side recomputes the head-init features from the stream
+        ram_kw = dict(genes="A,B,C", tile_px=a.tile_px, min_coverage=0.0, cache_dir=tmp / "ftcache", **ft)
+        train(paths, tmp / "warm_ram", **ram_kw)
+        train([], tmp / "warm_ds", dataset=str(small), **ft)
+        t0 = time.perf_counter()
+        train(paths, tmp / "wd_ram", **ram_kw)
+        t_ram = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        train([], tmp / "wd_ds", dataset=str(small), **ft)
+        t_ds = time.perf_counter() - t0
         rss = {}
         for name, d in (("small", small), ("big", big)):
             out = subprocess.run([sys.executable, __file__, "--rss-child", str(d), str(a.batch), "0"],
@@ -140,6 +162,8 @@ def main() -> None:
                           "grain_2workers_tiles_per_s": round(grain2, 1),
                           "ratio_grain_to_ram": round(grain0 / ram, 4),
                           "ratio_grain2_to_ram": round(grain2 / ram, 4),
+                          "finetune_s_ram": round(t_ram, 2), "finetune_s_dataset": round(t_ds, 2),
+                          "ratio_finetune_dataset_to_ram": round(t_ram / t_ds, 4),
                           "rss_mb": {k: round(v["maxrss_mb"], 1) for k, v in rss.items()},
                           "rss_spots": {k: v["n"] for k, v in rss.items()},
                           "rss_ratio_big_to_small": round(rss["big"]["maxrss_mb"] / rss["small"]["maxrss_mb"], 3)}))
