@@ -57,9 +57,8 @@ class DatasetTiles:
             return np.asarray(self.source[int(idx)]["tile"])
         if not len(idx):
             return np.zeros((0, self.tile_px, self.tile_px, 3), np.uint8)
-        many = getattr(self.source, "__getitems__", None)  # one batched read where the source offers it
-        recs = many([int(j) for j in idx]) if many is not None else [self.source[int(j)] for j in idx]
-        return np.stack([r["tile"] for r in recs])
+        # record by record: TFDS's batched __getitems__ measured 4x slower per record here
+        return np.stack([self.source[int(j)]["tile"] for j in idx])
 
 
 def train_from_dataset(directory: str | os.PathLike, workdir: str | os.PathLike, cfg: RunConfig, *,
