@@ -59,6 +59,8 @@ def resolve_strategy(strategy: str, *, trains_backbone: bool, backend: str | Non
         raise StimageError(f"unknown ensemble strategy {strategy!r}; choose from {', '.join(STRATEGIES)}")
     if strategy != "auto":
         return strategy
+    if jax.process_count() > 1:  # several processes: members (and batches) spread over all of them
+        return "vmap"
     backend = backend or jax.default_backend()
     return "loop" if (backend == "cpu" and trains_backbone) else "vmap"
 
@@ -135,10 +137,17 @@ def fit_ensemble(members: nnx.Module, x_train, y_train, x_val=None, y_val=None, 
     # One group of M members (vmap) or M groups of one (loop: the step compiles once, and
     # vmap over a length-1 axis costs nothing).
     groups = [(0, n_mem)] if strategy == "vmap" else [(m, m + 1) for m in range(n_mem)]
-    if strategy == "loop" or mesh == "auto" and n_mem == 1:
+    multi = distributed.is_multiprocess()
+    if multi and (strategy == "loop" or mesh is None):
+        raise StimageError("with several processes members train as one sharded program: use --strategy vmap "
+                           "(the default there)")
+    if strategy == "loop" or mesh == "auto" and n_mem == 1 and not multi:
         mesh = None
     if mesh == "auto":
         mesh = member_mesh(n_mem, config.batch_size)
+        if mesh is None and multi:  # every array must span all processes (Orbax saves only global arrays)
+            raise StimageError(f"--batch-size {config.batch_size} does not split over the {jax.device_count()} "
+                               f"devices of all processes left after {n_mem} member(s); choose a multiple")
     state = TrainState.create(members, adam(float(config.lr)), SpotLoss(config.loss),
                               set_train_mode=set_train_mode, n_members=n_mem)
     best = jax.tree.map(jnp.copy, state.params)
