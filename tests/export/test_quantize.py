@@ -165,6 +165,7 @@ def test_bad_quantization_metadata_is_one_line(trained, tmp_path):
 
 
 @pytest.mark.real_data
+@pytest.mark.slow
 def test_int8_on_her2st_tiles(her2st_root, tmp_path):
     """EfficientNet-Lite0 (ImageNet weights) on HER2ST: the int8 model calibrated on C3 tissue
     tiles predicts held-out C4 close to fp32 and passes the 0.01 gate; fp32 ONNX still equals JAX."""
