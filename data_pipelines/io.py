@@ -20,7 +20,7 @@ from pathlib import Path
 
 from data_pipelines.errors import StimageError
 
-__all__ = ["quiet_stderr", "atomic_path", "atomic_dir", "check_writable", "check_distinct", "write_h5ad", "workdir_lock",
+__all__ = ["quiet_stderr", "atomic_path", "atomic_dir", "check_writable", "check_distinct", "check_new_output", "write_h5ad", "workdir_lock",
            "file_mode", "dir_mode", "LOCK_NAME"]
 
 LOCK_NAME = ".lock"  # workdir_lock's file inside the workdir
@@ -78,6 +78,12 @@ def check_writable(path: str | os.PathLike, overwrite: bool, inputs: Iterable[st
     path = check_distinct(path, *inputs)
     if path.is_dir():
         raise StimageError(f"output {path} is a folder; give a file name")
+    return check_new_output(path, overwrite)
+
+
+def check_new_output(path: Path, overwrite: bool) -> Path:
+    """The checks every output shares, file or folder: not existing unless ``overwrite``,
+    its parent folder created when missing and writable. Returns ``path``."""
     if path.exists() and not overwrite:
         raise StimageError(f"output {path} already exists (pass --overwrite to replace it)")
     try:

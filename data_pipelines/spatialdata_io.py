@@ -282,7 +282,7 @@ def is_zarr(path: str | os.PathLike) -> bool:
 def check_output(path: str | os.PathLike, overwrite: bool, inputs=()) -> Path:
     """:func:`data_pipelines.io.check_writable` for an ``.h5ad`` file or a ``.zarr`` folder,
     before any work."""
-    from data_pipelines.io import check_distinct, check_writable
+    from data_pipelines.io import check_distinct, check_new_output, check_writable
 
     path = Path(path)
     if not is_zarr(path):
@@ -290,15 +290,7 @@ def check_output(path: str | os.PathLike, overwrite: bool, inputs=()) -> Path:
     check_distinct(path, *inputs)
     if path.exists() and not path.is_dir():
         raise StimageError(f"output {path} is a file, not a .zarr folder")
-    if path.exists() and not overwrite:
-        raise StimageError(f"output {path} already exists (pass --overwrite to replace it)")
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise StimageError(f"cannot create the folder of output {path} ({e.strerror or type(e).__name__})") from None
-    if not os.access(path.parent, os.W_OK | os.X_OK):
-        raise StimageError(f"cannot write output {path}: folder {path.parent} is not writable")
-    return path
+    return check_new_output(path, overwrite)
 
 
 def write_output(adata, path: str | os.PathLike, *, overwrite: bool = False, max_image_px: int | None = None) -> Path:

@@ -33,20 +33,12 @@ import time
 from pathlib import Path
 
 import numpy as np
+from _common import cpu_flags  # noqa: E402  (this directory is on sys.path)
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
 
-def cpu_flags() -> dict:
-    try:
-        flags = set(next(line for line in open("/proc/cpuinfo") if line.startswith("flags")).split(":")[1].split())
-        model = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo")
-                      if line.startswith("model name")), None)
-    except (OSError, StopIteration):
-        flags, model = set(), None
-    return {"cpu": model, "cores": os.cpu_count(), "avx512": "avx512f" in flags,
-            "vnni": bool({"avx512_vnni", "avx_vnni"} & flags), "amx": "amx_tile" in flags}
 
 
 def make_model(path: Path, tile_px: int) -> Path:

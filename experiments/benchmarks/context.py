@@ -32,18 +32,12 @@ from stimage_jax.features.tta import tta_features
 from stimage_jax.loso import CONTEXT_METHODS, run_loso
 from stimage_jax.ensemble.train import TrainConfig
 
-from _common import her2st_paths  # noqa: E402  (this directory is on sys.path)
+from _common import cpu_flags, her2st_paths  # noqa: E402  (this directory is on sys.path)
 
 SECTIONS = ["C2", "C3", "C4", "C5", "C6"]
 METHODS = ("stimage",) + CONTEXT_METHODS
 
 
-def cpu_flags() -> list[str]:
-    try:
-        flags = next(l for l in open("/proc/cpuinfo") if l.startswith("flags")).split()
-    except (OSError, StopIteration):
-        return []
-    return sorted(f for f in set(flags) if f in ("avx2", "avx512f", "avx512_vnni", "amx_tile", "amx_bf16", "amx_int8"))
 
 
 def per_spot_times(workdir: Path, c6) -> dict:

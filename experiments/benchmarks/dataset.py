@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import resource
 import subprocess
 import sys
@@ -25,16 +24,9 @@ import time
 from pathlib import Path
 
 import numpy as np
+from _common import cpu_flags  # noqa: E402  (this directory is on sys.path)
 
 
-def cpu_flags() -> dict:
-    flags = set()
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("flags"):
-            flags = set(line.split(":", 1)[1].split())
-            break
-    return {"cores": os.cpu_count(), "avx512f": "avx512f" in flags, "avx512_vnni": "avx512_vnni" in flags,
-            "amx_tile": "amx_tile" in flags}
 
 
 def make_samples(folder: Path, n_spots: int, n_samples: int):

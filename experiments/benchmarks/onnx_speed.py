@@ -41,15 +41,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 RESNET50_GFLOP_299 = 15.3  # the figure for one 299² ResNet50 forward
 BACKBONES = ("efficientnet_lite0", "resnet50")
-CPU_FLAGS = ("avx512f", "avx512_vnni", "avx512_bf16", "amx_tile", "amx_int8", "amx_bf16")
 
-
-def cpu_flags() -> dict[str, bool]:
-    try:
-        flags = set(next(l for l in open("/proc/cpuinfo") if l.startswith("flags")).split(":")[1].split())
-    except (OSError, StopIteration):
-        flags = set()
-    return {f: f in flags for f in CPU_FLAGS}
+from _common import cpu_flags  # noqa: E402  (this directory is on sys.path)
 
 
 def sgemm_gflops(n: int = 4096, reps: int = 3) -> float:

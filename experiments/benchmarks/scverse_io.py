@@ -16,20 +16,9 @@ import tempfile
 import time
 import warnings
 from pathlib import Path
+from _common import cpu_flags as _cpu  # noqa: E402  (this directory is on sys.path)
 
 
-def _cpu() -> dict:
-    flags, model = set(), ""
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("flags") and not flags:
-                flags = set(line.split(":", 1)[1].split())
-            elif line.startswith("model name") and not model:
-                model = line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return {"cpu": model, "cores": os.cpu_count(), "avx512f": "avx512f" in flags,
-            "avx512_vnni": "avx512_vnni" in flags, "amx_tile": "amx_tile" in flags}
 
 
 def _size(p: Path) -> int:

@@ -33,20 +33,12 @@ import time
 from pathlib import Path
 
 import numpy as np
+from _common import cpu_flags  # noqa: E402  (this directory is on sys.path)
 
 ROOT = Path(__file__).resolve().parents[2]
 OUTPUTS = ("mean", "var_aleatoric", "var_epistemic")
 
 
-def cpu_flags() -> dict:
-    try:
-        flags = set(next(line for line in open("/proc/cpuinfo") if line.startswith("flags")).split(":")[1].split())
-    except (OSError, StopIteration):
-        flags = set()
-    model = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")),
-                 None) if os.path.exists("/proc/cpuinfo") else None
-    return {"cpu": model, "cores": os.cpu_count(), "avx512": "avx512f" in flags,
-            "vnni": bool({"avx512_vnni", "avx_vnni"} & flags), "amx": "amx_tile" in flags}
 
 
 def tiles_for(px: int, n: int) -> np.ndarray:

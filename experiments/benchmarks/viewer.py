@@ -30,18 +30,12 @@ import time
 from pathlib import Path
 
 import numpy as np
+from _common import cpu_flags  # noqa: E402  (this directory is on sys.path)
 
 ROOT = Path(__file__).resolve().parents[2]
 TILE = 256
 
 
-def cpu_flags() -> dict:
-    flags = set()
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("flags"):
-            flags = set(line.split(":", 1)[1].split())
-            break
-    return {f: f in flags for f in ("avx512f", "avx512_vnni", "amx_tile")}
 
 
 def _texture(h: int, w: int, rng) -> np.ndarray:

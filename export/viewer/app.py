@@ -150,6 +150,16 @@ def build_app(state: ViewerState, *, max_upload_mb: float = 512.0, allowed_hosts
             raise LookupError
         return job
 
+    def _finished(request):
+        """(job, None) for a finished explanation, else (None, the 404/409 answer)."""
+        try:
+            job = _job(request)
+        except LookupError:
+            return None, _error(404, "no such explanation")
+        if job.state != "done":
+            return None, _error(409, f"the explanation is {job.state}")
+        return job, None
+
     async def explain_status(request):
         try:
             return JSONResponse(_job(request).status())
@@ -157,24 +167,18 @@ def build_app(state: ViewerState, *, max_upload_mb: float = 512.0, allowed_hosts
             return _error(404, "no such explanation")
 
     async def explain_image(request):
-        try:
-            job = _job(request)
-        except LookupError:
-            return _error(404, "no such explanation")
-        if job.state != "done":
-            return _error(409, f"the explanation is {job.state}")
+        job, answer = _finished(request)
+        if job is None:
+            return answer
         return Response(job.result["png"], media_type="image/png")
 
     async def explain_csv(request):
         import csv
         import io
 
-        try:
-            job = _job(request)
-        except LookupError:
-            return _error(404, "no such explanation")
-        if job.state != "done":
-            return _error(409, f"the explanation is {job.state}")
+        job, answer = _finished(request)
+        if job is None:
+            return answer
         buf = io.StringIO()
         w = csv.DictWriter(buf, fieldnames=job.result["columns"], lineterminator="\n")
         w.writeheader()
