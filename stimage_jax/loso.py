@@ -222,10 +222,13 @@ def run_loso(data, workdir: str | os.PathLike, *, methods=METHODS, genes: str = 
     bad = [m for m in methods if m not in METHODS]
     if bad or not methods:
         raise StimageError(f"unknown method(s) {', '.join(bad) or '(none)'}; choose from {', '.join(METHODS)}")
-    if isinstance(data, (str, os.PathLike)) and Path(data).is_dir():
-        data = sorted(Path(data).glob("*.h5ad"))
+    from data_pipelines.spatialdata_io import is_zarr
+
+    if isinstance(data, (str, os.PathLike)) and Path(data).is_dir() and not is_zarr(data):
+        # A folder of samples: .h5ad files and SpatialData .zarr stores (a store is a folder too).
+        data = sorted([*Path(data).glob("*.h5ad"), *Path(data).glob("*.zarr")])
         if not data:
-            raise StimageError("no .h5ad files in the --data folder")
+            raise StimageError("no .h5ad files or .zarr stores in the --data folder")
     adatas = {_sample_id(a): a for a in split_samples(_load(list(data) if not isinstance(data, ad.AnnData)
                                                              else [data]))}
     if len(adatas) < 3:

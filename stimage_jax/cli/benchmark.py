@@ -55,7 +55,10 @@ def run(a) -> None:
 
     if not csv(a.methods):
         raise StimageError("--methods is empty")
-    data = a.data[0] if len(a.data) == 1 and Path(a.data[0]).is_dir() else a.data
+    from data_pipelines.spatialdata_io import is_zarr
+
+    one = a.data[0] if len(a.data) == 1 else None
+    data = one if one is not None and Path(one).is_dir() and not is_zarr(one) else a.data
     table = run_loso(data, a.workdir, methods=csv(a.methods), genes=a.genes, backbone=a.backbone,
                      members=a.members, config=TrainConfig(lr=a.lr, max_epochs=a.max_epochs, patience=a.patience),
                      tile_um=a.tile_um, tile_px=a.tile_px, seed=a.seed, min_coverage=a.min_coverage,

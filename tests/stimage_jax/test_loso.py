@@ -105,3 +105,19 @@ def test_loso_context_methods_on_identical_folds(synthetic_study, tmp_path, caps
     got = table[table["method"] == "stimage_smooth"]
     np.testing.assert_allclose(got["pcc"].to_numpy(), direct["pcc"].to_numpy(), rtol=1e-4)
     np.testing.assert_allclose(got["pit_coverage"].to_numpy(), direct["pit_coverage"].to_numpy(), rtol=1e-4)
+
+
+def test_loso_folder_of_h5ad_and_zarr(synthetic_study, tmp_path, capsys):
+    """A --data folder holds .h5ad files and .zarr stores alike (a store is a folder too)."""
+    import shutil
+
+    import anndata as ad
+
+    folder = tmp_path / "data"
+    folder.mkdir()
+    for p in synthetic_study[:2]:
+        shutil.copy(p, folder / p.name)
+    ad.read_h5ad(synthetic_study[2]).write_zarr(folder / "s2.zarr")
+    assert run("benchmark", "--data", folder, "--workdir", tmp_path / "w", *BENCH, "--methods", "ridge") == 0
+    table = pd.read_csv(tmp_path / "w" / "metrics.csv")
+    assert set(table["fold"]) == {"s0", "s1", "s2"}
