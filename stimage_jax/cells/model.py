@@ -26,6 +26,7 @@ from data_pipelines.io import atomic_dir
 from stimage_jax.cells.hovernet import PRESETS, STRIDE, HoVerNet, probabilities
 from stimage_jax.cells.postprocess import (NucleusTypes, PostprocessParams, instances_from_np_hv, nucleus_types,
                                            type_entropy)
+from stimage_jax.training.checkpoint import verify_digests, write_digests
 
 __all__ = ["CellModel", "CellPrediction", "MODEL_FORMAT"]
 
@@ -66,6 +67,7 @@ class CellModel:
             ckptr = ocp.StandardCheckpointer()
             ckptr.save(tmp / "params", _host(nnx.to_pure_dict(nnx.state(self.net))))
             ckptr.wait_until_finished()
+            write_digests(tmp)
             (tmp / "model.json").write_text(json.dumps(self.config, indent=1))
         return model_dir
 
@@ -95,6 +97,7 @@ class CellModel:
         net = nnx.eval_shape(lambda: PRESETS[cfg["backbone"]](rngs=nnx.Rngs(0), weights=None,
                                                               num_types=cfg["num_types"]))
         target = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), nnx.to_pure_dict(nnx.state(net)))
+        verify_digests(path)
         try:
             pure = ocp.StandardCheckpointer().restore((path / "params").absolute(), target)
         except Exception as e:

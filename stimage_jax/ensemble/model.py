@@ -32,6 +32,7 @@ from stimage_jax import __version__
 from stimage_jax.features.registry import create_backbone
 from stimage_jax.nb.distribution import params_from_logits
 from stimage_jax.nb.head import NBHead
+from stimage_jax.training.checkpoint import verify_digests, write_digests
 
 __all__ = ["STimageNet", "EnsembleModel", "MODEL_FORMAT", "build_member", "forward", "heads_forward",
            "model_provenance"]
@@ -277,6 +278,7 @@ class EnsembleModel:
                 ckptr.save(tmp / f"members_{src['name']}",
                            _stack([_host(nnx.to_pure_dict(nnx.state(m))) for m in group]))
             ckptr.wait_until_finished()
+            write_digests(tmp)
             (tmp / "model.json").write_text(json.dumps(self.config, indent=1))
         return model_dir
 
@@ -292,6 +294,7 @@ class EnsembleModel:
             raise StimageError(f"{meta} has format {cfg.get('format')!r}, expected {MODEL_FORMAT!r}")
         _check_config(cfg, meta)
         v1 = cfg.pop("_v1_layout", False)
+        verify_digests(model_dir)
         ckptr = _solo_checkpointer()
 
         def restore(path, target):

@@ -88,3 +88,48 @@ def test_ensemble_checkpoint_uses_the_format(tmp_path, rng):
     assert meta["histories"] == hists
     assert meta["early_stopping"]["best_val"] == [min(r["val_loss"] for r in h) for h in hists]
     assert meta["early_stopping"]["done"] == [False, False]  # ran out of epochs, not of patience
+
+
+def test_saved_model_folders_are_checked_file_by_file_before_orbax_reads_them(tmp_path):
+    """A model folder records its array files' sha256 (``sha256sum`` format): a missing,
+    changed or unrecorded-format file is named in one line before Orbax runs (Orbax's
+    concurrent reads of a damaged checkpoint could print a late traceback)."""
+    import hashlib
+    import shutil
+
+    from stimage_jax.training.checkpoint import DIGEST_FILE, verify_digests, write_digests
+
+    good = tmp_path / "model"
+    ck = ocp.StandardCheckpointer()
+    ck.save((good / "params").absolute(), {"w": np.arange(12, dtype=np.float32)})
+    ck.wait_until_finished()
+    (good / "model.json").write_text("{}")
+    write_digests(good)
+    rows = [line.split("  ") for line in (good / DIGEST_FILE).read_text().splitlines()]
+    files = sorted(p for p in good.rglob("*") if p.is_file() and p.name not in (DIGEST_FILE, "model.json"))
+    assert [r[1] for r in rows] == [p.relative_to(good).as_posix() for p in files] and len(files) >= 3
+    assert all(r[0] == hashlib.sha256(p.read_bytes()).hexdigest() for r, p in zip(rows, files))
+    verify_digests(good)  # intact
+    (good / "model.json").write_text('{"edited": 1}')  # validated by content elsewhere, not here
+    verify_digests(good)
+
+    for i, f in enumerate(files):
+        bad = tmp_path / f"missing{i}"
+        shutil.copytree(good, bad)
+        (bad / f.relative_to(good)).unlink()
+        with pytest.raises(StimageError, match=rf"model file .*{f.name} is missing; retrain or restore"):
+            verify_digests(bad)
+    bad = tmp_path / "flipped"
+    shutil.copytree(good, bad)
+    target = bad / files[-1].relative_to(good)
+    raw = bytearray(target.read_bytes())
+    raw[len(raw) // 2] ^= 1
+    target.write_bytes(bytes(raw))
+    with pytest.raises(StimageError, match=rf"{target.name} has changed since the model was saved"):
+        verify_digests(bad)
+    for text in ("", "not a digest line\n", f"{'0' * 64}  ../outside\n"):
+        (bad / DIGEST_FILE).write_text(text)
+        with pytest.raises(StimageError, match="arrays.sha256 is corrupt"):
+            verify_digests(bad)
+    (bad / DIGEST_FILE).unlink()
+    verify_digests(bad)  # folders saved before the record existed are read as before
