@@ -138,7 +138,8 @@ def _fold(adatas: dict, test: str, wd: Path, methods, *, genes, backbone, member
     train_ads = [a for s, a in adatas.items() if s != test]
     truth = adatas[test]
     common = dict(genes=genes, backbone=backbone, tile_um=tile_um, tile_px=tile_px, seed=seed, progress=progress,
-                  cache_dir=cache, min_coverage=0.0)  # tile QC was applied to every sample up front
+                  cache_dir=cache, min_coverage=0.0,  # tile QC was applied to every sample up front
+                  tta=1, smooth=0.0)  # each method states its own TTA/smoothing (the run defaults are TTA 8 + smooth)
     out = {}
     need_nb = {"stimage", "stimage_single", "ridge", *CONTEXT_METHODS} & set(methods)
     if need_nb:
