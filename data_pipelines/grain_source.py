@@ -1,68 +1,306 @@
 """Streaming an exported spot dataset (:mod:`data_pipelines.tfds_dataset`) through grain.
 
-``spot_loader(DIR, batch_size=..., seed=...)`` is a ``grain.DataLoader`` over the dataset's
-random-access ArrayRecord source: sharded by process (each of N JAX processes reads every
-N-th record of the global order), shuffled per epoch by grain's index sampler keyed by
-``seed`` (a member's seed), with worker prefetch, and checkpointable — the iterator's
-``get_state()`` is a small JSON-able value, and ``set_state`` on a fresh iterator continues
-mid-epoch. Memory holds a few batches whatever the dataset's size.
+Two loaders over the dataset's random-access ArrayRecord files (the same records
+``tfds.builder_from_directory(DIR).as_data_source("train")`` serves):
 
-grain imports JAX, so it is imported lazily here: the JAX-free runtime can import this
-module (and never calls it).
+- :func:`spot_loader` — a ``grain.DataLoader`` with grain's own ``IndexSampler``: sharded
+  by process (each of N JAX processes reads every N-th record of the global order),
+  shuffled per epoch by a seed, batches that run across epochs. General purpose.
+- :func:`epoch_loader` — the loader fine-tuning uses (``stimage train --dataset``): an
+  :class:`EpochSampler` draws member ``m``'s order of epoch ``e`` exactly as the in-RAM
+  training loop does (``permutation(fold_in(key_m, e), n)``), cut into fixed-size batches
+  that never cross an epoch (the last one padded with copies of its first record, weight
+  0), so a model trained from the dataset equals one trained from the same arrays.
+
+Both read records as raw bytes and parse them with :class:`ParseSpots` (one protobuf parse
+and ``np.frombuffer`` per field; TFDS's generic decoder is 3-4x slower per record), prefetch
+with ``ReadOptions`` threads (default) or ``worker_count`` processes, batch in the pipeline
+(``grain.Batch``), and are checkpointable: ``iterator.get_state()`` is a small JSON value;
+``set_state`` on a fresh iterator of the same loader continues mid-epoch. The state names the
+dataset by its content digest (not its path), so a moved dataset still resumes. Memory
+holds the prefetch buffer whatever the dataset's size.
+
+grain imports JAX, so grain (and JAX, for :class:`EpochSampler`'s permutations) is imported
+lazily: the JAX-free runtime can import this module (and never calls it).
 """
 
 from __future__ import annotations
 
+import functools
+import hashlib
 import os
 from collections.abc import Sequence
+from pathlib import Path
 
 import numpy as np
 
 from data_pipelines.errors import StimageError
 
-__all__ = ["spot_loader", "FIELDS"]
+__all__ = ["spot_loader", "epoch_loader", "SpotRecords", "ParseSpots", "EpochSampler", "FIELDS",
+           "DEFAULT_READ_THREADS", "DEFAULT_PREFETCH"]
 
 FIELDS = ("tile", "counts")
+# Measured on 2 cores (experiments/benchmarks/dataset_throughput.py): a few reader threads keep
+# up with a fine-tuning step; more only contend for the GIL with the training loop.
+DEFAULT_READ_THREADS = 2
+DEFAULT_PREFETCH = 256  # records read ahead per loader
 
 
-def spot_loader(directory: str | os.PathLike, *, batch_size: int, seed: int, num_epochs: int | None = 1,
-                shuffle: bool = True, fields: Sequence[str] = FIELDS, records: Sequence[int] | None = None,
-                shard_index: int | None = None, shard_count: int | None = None, worker_count: int = 0,
-                drop_remainder: bool = False):
-    """A grain DataLoader of batches ``{field: (B, ...) array}`` from an exported dataset.
+class SpotRecords:
+    """The exported dataset's records, random access: ``len`` N; ``src[k]`` → ``(k, raw bytes)``.
 
-    ``records``: restrict to these record indices (e.g. the training samples' ranges);
-    shards: by default this JAX process's index and count when JAX is initialised with
-    several processes, else one shard. ``worker_count`` > 0 prefetches in worker processes.
+    Keys ``N <= k < 2N`` are the padding copies of record ``k - N`` (read as record ``k - N``;
+    :class:`ParseSpots` gives them weight 0): grain's source datasets take keys modulo the
+    length, so a padded record is told apart by its key alone. ``repr`` names the dataset by
+    content digest (grain checks it when an iterator state is restored).
     """
+
+    def __init__(self, directory: str | os.PathLike, split: str = "train"):
+        from data_pipelines.tfds_dataset import DATASET_NAME, dataset_metadata
+
+        directory = Path(directory).absolute()
+        meta = dataset_metadata(directory)
+        files = sorted(directory.glob(f"{DATASET_NAME}-{split}.array_record-*"))
+        if not files:
+            raise StimageError(f"dataset {directory} has no {split!r} ArrayRecord files")
+        self.files = [str(f) for f in files]
+        self.digest, self.split = str(meta.get("digest", "")), split
+        self._n = sum(int(meta_n) for meta_n in _shard_lengths(directory, split))
+
+    @functools.cached_property
+    def _source(self):  # opened on first read, in whichever process reads (grain workers pickle self)
+        from array_record.python.array_record_data_source import ArrayRecordDataSource
+
+        return ArrayRecordDataSource(self.files)
+
+    def __getstate__(self):
+        return {k: v for k, v in self.__dict__.items() if k != "_source"}
+
+    def __len__(self) -> int:
+        return 2 * self._n
+
+    @property
+    def num_records(self) -> int:
+        return self._n
+
+    def __getitem__(self, k: int):
+        k = int(k)
+        return k, self._source[k % self._n]
+
+    def __getitems__(self, keys: Sequence[int]):
+        keys = [int(k) for k in keys]
+        return list(zip(keys, self._source.__getitems__([k % self._n for k in keys])))
+
+    def __repr__(self) -> str:
+        return f"SpotRecords(digest={self.digest!r}, split={self.split!r}, n={self._n})"
+
+
+def _shard_lengths(directory: Path, split: str) -> list[int]:
+    import json
+
+    info = json.loads((directory / "dataset_info.json").read_text())
+    for s in info.get("splits", []):
+        if s.get("name") == split:
+            return [int(x) for x in s.get("shardLengths", [])]
+    raise StimageError(f"dataset {directory} has no split {split!r}")
+
+
+def _field_specs(directory: Path) -> dict:
+    """{field: ("text",) | ("bytes", dtype, shape) | ("list", dtype, shape)} from features.json."""
+    import json
+
+    feats = json.loads((Path(directory) / "features.json").read_text())["featuresDict"]["features"]
+    specs = {}
+    for name, f in feats.items():
+        if "text" in f:
+            specs[name] = ("text",)
+        else:
+            t = f["tensor"]
+            shape = tuple(int(s) for s in t.get("shape", {}).get("dimensions", []))
+            specs[name] = ("bytes" if t.get("encoding") == "bytes" else "list", t["dtype"], shape)
+    return specs
+
+
+class ParseSpots:
+    """``(key, serialized tf.train.Example)`` → ``{field: value, "record": key mod N, "weight": 0/1}``.
+
+    Reads each field straight from the protobuf: raw-bytes tensors (datasets written by this
+    version) with ``np.frombuffer``, value lists (older datasets) with ``np.asarray``; text as
+    bytes. A grain ``MapTransform`` (picklable, for worker processes).
+    """
+
+    def __init__(self, directory: str | os.PathLike, fields: Sequence[str], num_records: int):
+        specs = _field_specs(Path(directory))
+        unknown = [f for f in fields if f not in specs]
+        if unknown:
+            raise StimageError(f"dataset {directory} has no field(s) {unknown}; it has {sorted(specs)}")
+        self.specs = {f: specs[f] for f in fields}
+        self.n = int(num_records)
+
+    def map(self, item):
+        from tensorflow_datasets.proto import tf_example_pb2
+
+        key, raw = item
+        feats = tf_example_pb2.Example.FromString(raw).features.feature
+        out = {}
+        for name, spec in self.specs.items():
+            f = feats[name]
+            if spec[0] == "text":
+                out[name] = f.bytes_list.value[0]
+            elif spec[0] == "bytes":
+                out[name] = np.frombuffer(f.bytes_list.value[0], spec[1]).reshape(spec[2])
+            else:
+                vals = f.int64_list.value if f.HasField("int64_list") else f.float_list.value
+                out[name] = np.asarray(vals, spec[1]).reshape(spec[2])
+        out["record"] = np.int64(key % self.n)
+        out["weight"] = np.float32(key < self.n)
+        return out
+
+
+class EpochSampler:
+    """A grain sampler of ``num_epochs`` epochs of ``records`` in fixed-size batches.
+
+    Epoch ``e``'s order is ``jax.random.permutation(fold_in(key, e), n)`` (``key`` a typed
+    PRNG key's data, or an int seed for ``jax.random.key``; ``shuffle=False``: input order),
+    cut into batches of ``batch_size`` whose records are sorted (sequential reads, as the
+    in-RAM loop's batches), the last batch padded with copies of its first record (keys
+    ``+ N``, weight 0). Global index ``i`` is epoch ``i // L``, position ``i % L`` with
+    ``L = ceil(n / batch_size) * batch_size``. ``repr`` (checked by grain on restore) holds
+    everything that fixes the order.
+    """
+
+    def __init__(self, records: np.ndarray, num_records: int, *, batch_size: int, num_epochs: int,
+                 key=None, shuffle: bool = True):
+        self.records = np.asarray(records, np.int64)
+        self.n, self.num_records = len(self.records), int(num_records)
+        self.batch_size, self.num_epochs, self.shuffle = int(batch_size), int(num_epochs), bool(shuffle)
+        if self.n == 0:
+            raise StimageError("no records to read")
+        self.length = -(-self.n // self.batch_size) * self.batch_size  # per epoch, padded
+        self.key_data = None if key is None else np.asarray(_key_data(key), np.uint32)
+        if self.shuffle and self.key_data is None:
+            raise ValueError("shuffling needs a key")
+        self._cache: dict[int, np.ndarray] = {}
+
+    def __getstate__(self):
+        return {**self.__dict__, "_cache": {}}
+
+    def __len__(self) -> int:
+        return self.num_epochs * self.length
+
+    def epoch_keys(self, epoch: int) -> np.ndarray:
+        """The record keys of one epoch, (L,), padding keys ``>= N`` included."""
+        if epoch not in self._cache:
+            if self.shuffle:
+                import jax
+
+                k = jax.random.wrap_key_data(self.key_data)
+                order = np.asarray(jax.random.permutation(jax.random.fold_in(k, epoch), self.n))
+            else:
+                order = np.arange(self.n)
+            keys = self.records[order]
+            chunks = [np.sort(keys[s:s + self.batch_size]) for s in range(0, self.n, self.batch_size)]
+            pad = self.length - self.n
+            if pad:
+                chunks.append(np.full(pad, chunks[-1][0] + self.num_records))
+            self._cache = {epoch: np.concatenate(chunks)}  # one epoch at a time: O(n) memory
+        return self._cache[epoch]
+
+    def __getitem__(self, index: int):
+        from grain.python import RecordMetadata
+
+        if index < 0 or index >= len(self):
+            raise IndexError(f"index {index} outside [0, {len(self)})")
+        epoch, pos = divmod(int(index), self.length)
+        return RecordMetadata(index=index, record_key=int(self.epoch_keys(epoch)[pos]))
+
+    def __repr__(self) -> str:
+        rec = hashlib.sha1(self.records.tobytes()).hexdigest()[:16]
+        key = None if self.key_data is None else self.key_data.tolist()
+        return (f"EpochSampler(records={rec}, n={self.n}, batch_size={self.batch_size}, "
+                f"num_epochs={self.num_epochs}, shuffle={self.shuffle}, key={key})")
+
+
+def _key_data(key):
+    import jax
+
+    if isinstance(key, (int, np.integer)):
+        key = jax.random.key(int(key))
+    if hasattr(key, "dtype") and jax.dtypes.issubdtype(key.dtype, jax.dtypes.prng_key):
+        return np.asarray(jax.random.key_data(key))
+    return np.asarray(key)
+
+
+def _read_options(read_threads: int | None, prefetch: int | None):
     import grain.python as grain
 
-    from data_pipelines.tfds_dataset import open_source
+    return grain.ReadOptions(num_threads=DEFAULT_READ_THREADS if read_threads is None else int(read_threads),
+                             prefetch_buffer_size=DEFAULT_PREFETCH if prefetch is None else int(prefetch))
 
-    source = open_source(directory)
-    if records is not None:
-        source = _Subset(source, np.asarray(records, np.int64))
-    if len(source) == 0:
-        raise StimageError(f"dataset {directory} has no records to read")
-    if shard_index is None or shard_count is None:  # grain asks JAX for this process's index and count
-        shards = grain.ShardByJaxProcess(drop_remainder=True)
-    else:
-        shards = grain.ShardOptions(shard_index=shard_index, shard_count=shard_count, drop_remainder=True)
-    sampler = grain.IndexSampler(len(source), shard_options=shards, shuffle=shuffle, num_epochs=num_epochs,
-                                 seed=int(seed) % (2 ** 32))
+
+def _mark_flags(worker_count: int) -> None:
     if worker_count > 0:
         from absl import flags
 
         if not flags.FLAGS.is_parsed():  # grain's worker processes read absl flags; outside absl.app, defaults
             flags.FLAGS.mark_as_parsed()
+
+
+def epoch_loader(directory: str | os.PathLike, records: Sequence[int], *, batch_size: int, num_epochs: int,
+                 key=None, shuffle: bool = True, fields: Sequence[str] = FIELDS, worker_count: int = 0,
+                 read_threads: int | None = None, prefetch: int | None = None):
+    """A grain DataLoader of epoch-aligned batches ``{field: (B, ...), "record": (B,), "weight": (B,)}``
+    of ``records`` (see :class:`EpochSampler`); ``ceil(len(records) / batch_size)`` batches per epoch.
+
+    One process reads every record (the in-RAM loop's batches, exactly); prefetch runs in
+    ``read_threads`` threads or ``worker_count`` processes.
+    """
+    import grain.python as grain
+
+    src = SpotRecords(directory)
+    sampler = EpochSampler(records, src.num_records, batch_size=batch_size, num_epochs=num_epochs, key=key,
+                           shuffle=shuffle)
+    _mark_flags(worker_count)
+    return grain.DataLoader(data_source=src, sampler=sampler, worker_count=worker_count,
+                            shard_options=grain.NoSharding(), read_options=_read_options(read_threads, prefetch),
+                            operations=[_Parse(directory, fields, src.num_records), grain.Batch(batch_size)])
+
+
+def spot_loader(directory: str | os.PathLike, *, batch_size: int, seed: int, num_epochs: int | None = 1,
+                shuffle: bool = True, fields: Sequence[str] = FIELDS, records: Sequence[int] | None = None,
+                shard_index: int | None = None, shard_count: int | None = None, worker_count: int = 0,
+                drop_remainder: bool = False, read_threads: int | None = None, prefetch: int | None = None):
+    """A grain DataLoader of batches ``{field: (B, ...) array, "record", "weight"}`` from an exported dataset.
+
+    ``records``: restrict to these record indices (e.g. the training samples' ranges);
+    shards: by default this JAX process's index and count when JAX is initialised with
+    several processes, else one shard. ``worker_count`` > 0 prefetches in worker processes,
+    else ``read_threads`` threads.
+    """
+    import grain.python as grain
+
+    src = SpotRecords(directory)
+    index = np.arange(src.num_records) if records is None else np.asarray(records, np.int64)
+    if len(index) == 0:
+        raise StimageError(f"dataset {directory} has no records to read")
+    source = src if records is None else _Subset(src, index)
+    if shard_index is None or shard_count is None:  # grain asks JAX for this process's index and count
+        shards = grain.ShardByJaxProcess(drop_remainder=True)
+    else:
+        shards = grain.ShardOptions(shard_index=shard_index, shard_count=shard_count, drop_remainder=True)
+    sampler = grain.IndexSampler(len(index), shard_options=shards, shuffle=shuffle, num_epochs=num_epochs,
+                                 seed=int(seed) % (2 ** 32))
+    _mark_flags(worker_count)
     return grain.DataLoader(data_source=source, sampler=sampler, worker_count=worker_count,
-                            operations=[_MapOp(fields), grain.Batch(batch_size, drop_remainder=drop_remainder)])
+                            read_options=_read_options(read_threads, prefetch),
+                            operations=[_Parse(directory, fields, src.num_records),
+                                        grain.Batch(batch_size, drop_remainder=drop_remainder)])
 
 
 class _Subset:
     """A random-access source restricted to some of its indices."""
 
-    def __init__(self, source, index: np.ndarray):
+    def __init__(self, source: SpotRecords, index: np.ndarray):
         self.source, self.index = source, index
 
     def __len__(self) -> int:
@@ -71,12 +309,28 @@ class _Subset:
     def __getitem__(self, i):
         return self.source[int(self.index[i])]
 
+    def __repr__(self) -> str:
+        return f"Subset({self.source!r}, {hashlib.sha1(self.index.tobytes()).hexdigest()[:16]})"
 
-def _MapOp(fields):
+
+def _Parse(directory, fields, n):
+    return _parse_class()(directory, fields, n)
+
+
+@functools.cache
+def _parse_class():
+    """:class:`ParseSpots` as a grain ``MapTransform``, defined on first use (grain imports JAX)
+    and reachable as this module's ``ParseTransform`` so worker processes can unpickle it."""
     import grain.python as grain
 
-    class Select(grain.MapTransform):
-        def map(self, record):
-            return {k: record[k] for k in fields}
+    class ParseTransform(ParseSpots, grain.MapTransform):
+        pass
 
-    return Select()
+    ParseTransform.__module__, ParseTransform.__qualname__ = __name__, "ParseTransform"
+    return ParseTransform
+
+
+def __getattr__(name: str):
+    if name == "ParseTransform":
+        return _parse_class()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -53,11 +53,15 @@ def _builder_class():
             # DatasetInfo directly: dataset_info_from_configs reads README/citation files next
             # to the builder's code, which a library class does not ship.
             f = tfds.features
+            # Raw bytes, not TFDS's default int64/float lists: a uint8 tile as an int64 list is
+            # ~1.8 bytes per value on disk and parsed value by value (np.array over a protobuf
+            # list: 0.4 ms per 64 px tile, 5x the read); as bytes it is one np.frombuffer.
+            raw = f.Encoding.BYTES
             return tfds.core.DatasetInfo(builder=self, disable_shuffling=True, features=f.FeaturesDict({
-                "tile": f.Tensor(shape=(self._tile_px, self._tile_px, 3), dtype=np.uint8),
-                "counts": f.Tensor(shape=(self._n_genes,), dtype=np.float32),
+                "tile": f.Tensor(shape=(self._tile_px, self._tile_px, 3), dtype=np.uint8, encoding=raw),
+                "counts": f.Tensor(shape=(self._n_genes,), dtype=np.float32, encoding=raw),
                 "sample": f.Text(), "spot": f.Text(),
-                "xy": f.Tensor(shape=(2,), dtype=np.float64)}))
+                "xy": f.Tensor(shape=(2,), dtype=np.float64, encoding=raw)}))
 
         def _split_generators(self, dl_manager):
             return {"train": self._generate_examples()}

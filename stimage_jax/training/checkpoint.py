@@ -80,6 +80,10 @@ class CheckpointMeta:
     early_stopping: per-member lists ``best_val``, ``bad_epochs``, ``done`` (empty when the
     loop does not stop early).
     elapsed_s: training time summed over every run so far (time budgets).
+    data_state: where the input pipeline stands, for loops that checkpoint mid-epoch (empty
+    otherwise): e.g. the epoch, the batch within it, partial loss sums and each grain
+    iterator's ``get_state()`` JSON — stored in the same Orbax checkpoint as the arrays, so
+    the two can never disagree.
     """
 
     step: int
@@ -88,6 +92,7 @@ class CheckpointMeta:
     early_stopping: dict[str, list] = dataclasses.field(default_factory=dict)
     elapsed_s: float = 0.0
     format: str = CHECKPOINT_FORMAT
+    data_state: dict = dataclasses.field(default_factory=dict)
 
     def to_json(self) -> dict:
         return dataclasses.asdict(self)
