@@ -42,7 +42,7 @@ def _run(model, a) -> str:
         pred, maps = slide_to_files(a.slide, model, a.out, mpp=a.mpp, heatmap_genes=_csv(a.genes),
                                     min_coverage=a.min_coverage, batch_size=a.batch_size, overwrite=a.overwrite,
                                     progress=not a.quiet, interval=a.interval,
-                                    zarr_image_px=getattr(a, "zarr_image_px", None))
+                                    zarr_image_px=getattr(a, "zarr_image_px", None), smooth=a.smooth)
         lines = [f"heatmap -> {p}" for p in maps]
         what = "tiles"
     else:
@@ -50,7 +50,7 @@ def _run(model, a) -> str:
 
         check_output(a.out, a.overwrite, [a.data])
         pred = predict_adata(read_h5ad(a.data), model, batch_size=a.batch_size, progress=not a.quiet,
-                             interval=a.interval)
+                             interval=a.interval, smooth=a.smooth)
         write_output(pred, a.out, overwrite=a.overwrite, max_image_px=getattr(a, "zarr_image_px", None))
         lines, what = [], "spots"
     prov = pred.uns["stimage"]["prediction"]

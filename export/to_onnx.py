@@ -1,7 +1,10 @@
 """Trained ensemble → one ONNX file (needs JAX; the runtime in :mod:`export.runtime` does not).
 
 Graph: ``tiles`` uint8 (B, tile_px, tile_px, 3), dynamic B → the backbone's own input
-scaling → backbone → every member's NB head → ``mu`` and ``r``, each (members, B, genes).
+scaling → backbone (once per test-time view: the model's ``tta`` dihedral views are made
+in the graph and their features averaged) → every member's NB head → ``mu`` and ``r``,
+each (members, B, genes). Spatial smoothing needs the neighbours' predictions, so it runs
+after the graph in NumPy (``metadata_props["smoothing"]``, export.runtime.prediction).
 Stain normalisation stays outside the graph (NumPy). ``metadata_props`` carry what a
 runtime needs: genes, tile geometry, backbone, NB parameterisation, provenance.
 
@@ -48,7 +51,7 @@ def graph_function(model: EnsembleModel):
     """tiles (B, H, W, 3) uint8 → (mu, r), each (M, B, G): the model's own
     :func:`~stimage_jax.ensemble.model.forward`, which is what gets exported."""
     sources = tuple(model.member_sources)
-    return lambda tiles: forward(model.backbones, model.members, sources, model.point, tiles)
+    return lambda tiles: forward(model.backbones, model.members, sources, model.point, tiles, model.tta)
 
 
 def max0_to_relu(proto: onnx.ModelProto) -> int:
@@ -107,7 +110,8 @@ def to_onnx_proto(model: EnsembleModel, *, opset: int = 23) -> onnx.ModelProto:
             "tile_px": str(px), "backbone": cfg["backbone"], "members": str(cfg["members"]),
             "nb_parameterisation": cfg["nb_parameterisation"], "target": cfg["train"]["loss"],
             "stain_reference": json.dumps(cfg.get("stain")),  # null: raw tiles
-            "provenance": json.dumps(model_provenance(cfg)), "model_config": json.dumps(cfg)}
+            "provenance": json.dumps(model_provenance(cfg)), "model_config": json.dumps(cfg),
+            "tta": str(model.tta), "smoothing": json.dumps(model.smoothing)}
     del proto.metadata_props[:]
     for k, v in meta.items():
         proto.metadata_props.add(key=k, value=v)

@@ -30,7 +30,7 @@ from data_pipelines.tissue import DEFAULT_MIN_COVERAGE
 from export.runtime.predictor import TASKS
 from stimage_jax.ensemble.train import TrainConfig
 
-__all__ = ["RunConfig", "FeatureConfig", "HeadConfig", "ClassifyConfig", "TrainConfig", "AUGMENTATIONS",
+__all__ = ["RunConfig", "FeatureConfig", "HeadConfig", "ContextConfig", "ClassifyConfig", "TrainConfig", "AUGMENTATIONS",
            "LOSSES_BY_TARGET", "load_config", "flat_fields"]
 
 AUGMENTATIONS = ("none", "default", "hed")
@@ -59,6 +59,19 @@ class FeatureConfig:
     augment_views: int = 4
     fine_tune: bool = False
     feature_batch_size: int = 32
+    # dihedral views whose features are averaged per tile (1, 4, 8); None: 8 for frozen-backbone
+    # regression (issue 21's table), 1 for fine-tuning (which augments instead) and classify
+    tta: int | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class ContextConfig:
+    """Spatial context at prediction (issue 21): each member's NB mean is averaged with its
+    ``smooth_k`` nearest spots' (same sample) with weight ``smooth`` (0 = off); recorded in
+    model.json as the model's default, overridable by ``stimage predict --smooth``."""
+
+    smooth: float = 0.5
+    smooth_k: int = 6
 
 
 @dataclasses.dataclass(frozen=True)
@@ -77,7 +90,8 @@ class ClassifyConfig:
     l1_ratio: float = 0.5
 
 
-_PARTS = {"features": FeatureConfig, "head": HeadConfig, "train": TrainConfig, "classify": ClassifyConfig}
+_PARTS = {"features": FeatureConfig, "head": HeadConfig, "train": TrainConfig, "classify": ClassifyConfig,
+          "context": ContextConfig}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -95,6 +109,7 @@ class RunConfig:
     head: HeadConfig = HeadConfig()
     train: TrainConfig = TrainConfig()
     classify: ClassifyConfig = ClassifyConfig()
+    context: ContextConfig = ContextConfig()
 
     def override(self, **flat: Any) -> "RunConfig":
         """A copy with fields replaced by their (unique) names, nested parts included;
@@ -144,9 +159,26 @@ class RunConfig:
                                          or f.stain not in (None, "none")):
             raise StimageError("--dataset streams the exported tiles for --fine-tune (regression); the dataset "
                                "carries its own stain normalisation (no --stain, --embeddings or --task classify)")
+        from export.runtime.context import MAX_SMOOTH_K, TTA_VIEWS
+
+        if f.tta is not None and f.tta not in TTA_VIEWS:
+            raise StimageError(f"--tta takes {', '.join(map(str, TTA_VIEWS))} views (got {f.tta})")
+        if (f.tta or 1) > 1 and (f.fine_tune or self.task != "regress"):
+            raise StimageError("--tta averages frozen-backbone features of a regression model; a fine-tuned "
+                               "backbone learns from augmented tiles instead, and --task classify has no TTA")
+        if not (0.0 <= self.context.smooth <= 1.0 and 1 <= self.context.smooth_k <= MAX_SMOOTH_K):
+            raise StimageError(f"--smooth must lie in [0, 1] and --smooth-k in 1..{MAX_SMOOTH_K} "
+                               f"(got {self.context.smooth}, {self.context.smooth_k})")
         if not (self.classify.C > 0 and 0.0 <= self.classify.l1_ratio <= 1.0):
             raise StimageError("--C must be positive and --l1-ratio in [0, 1]")
         return self
+
+    @property
+    def tta_views(self) -> int:
+        """The test-time views this run uses (``features.tta`` with its automatic default)."""
+        if self.features.tta is not None:
+            return self.features.tta
+        return 8 if self.task == "regress" and not self.features.fine_tune else 1
 
     def to_dict(self) -> dict:
         """JSON-ready (tuples become lists)."""

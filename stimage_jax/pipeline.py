@@ -41,6 +41,7 @@ from stimage_jax.ensemble.train import TrainConfig
 from stimage_jax.models import load_model  # noqa: F401  (re-exported: stimage_jax.pipeline.load_model)
 from stimage_jax.features.embeddings import embedding_source_name, load_embeddings
 from stimage_jax.features.extract import cached_features, weights_fingerprint
+from stimage_jax.features.tta import tta_features
 from stimage_jax.features.registry import BACKBONES, DEFAULT_WEIGHTS, create_backbone
 from stimage_jax.genes import select_genes
 from stimage_jax.nb.head import init_head_from_data
@@ -102,18 +103,18 @@ def tiles_digest(tiles: np.ndarray) -> str:
 
 
 def sample_features(backbone, adatas, geometry, weights_fp, cache: Path, batch_size=32, progress=True,
-                    stain=None):
+                    stain=None, tta: int = 1):
     """Per-sample (N_s, D) features of spot tiles (stain-normalised towards ``stain`` when
-    given), both cached under ``cache``: tiles by image content and geometry, features by
-    the tiles' content and the weights' hash."""
+    given; averaged over ``tta`` dihedral views), both cached under ``cache``: tiles by image
+    content and geometry, each view's features by the tiles' content and the weights' hash."""
     feats = []
     for a in adatas:
         s = _sample_id(a)
         tiles = spot_tiles(a, tile_um=geometry["tile_um"], tile_px=geometry["tile_px"],
                            cache_dir=cache / "tiles", progress=progress, stain=stain)
-        name = f"{s}__{geometry['backbone']}__{weights_fp}__{tiles_digest(tiles)}.npy"
-        feats.append(cached_features(backbone, tiles, cache / "features" / name,
-                                     batch_size=batch_size, progress=progress, desc=f"features {s}"))
+        stem = cache / "features" / f"{s}__{geometry['backbone']}__{weights_fp}__{tiles_digest(tiles)}"
+        feats.append(tta_features(backbone, tiles, tta, stem, batch_size=batch_size, progress=progress,
+                                  desc=f"features {s}"))
     return feats
 
 
@@ -359,7 +360,7 @@ def _backbone_features(run: _Run, cache: Path, progress: bool):
         backbones[s["name"]] = bb
         feats[s["name"]] = sample_features(bb, run.adatas, {"backbone": s["backbone"], **run.geometry},
                                            s["weights_fingerprint"], cache, run.cfg.features.feature_batch_size,
-                                           progress, stain=run.stain_ref)
+                                           progress, stain=run.stain_ref, tta=run.cfg.tta_views)
     for s in run.sources:
         s["num_features"] = int(feats[s["name"]][0].shape[1])
     return backbones, feats
@@ -385,7 +386,9 @@ def _model_config(run: _Run, strategy: str) -> dict:
            "dropped_low_coverage": run.low_coverage, "strategy": strategy,
            "training_samples": [s for s, v in zip(run.sample_ids, run.is_val) if not v],
            "validation_samples": list(run.val_samples),
-           "nb_parameterisation": "mean-dispersion (log link): var = mu + mu^2/r"}
+           "nb_parameterisation": "mean-dispersion (log link): var = mu + mu^2/r",
+           "tta": c.tta_views if run.backbone_sources else 1,
+           "smoothing": {"alpha": c.context.smooth, "k": c.context.smooth_k}}
     if len(run.backbone_sources) == 1 and len(run.sources) == 1:
         cfg["num_features"] = run.sources[0]["num_features"]  # what ONNX consumers of /1 models read
     return cfg

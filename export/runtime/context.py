@@ -22,9 +22,33 @@ import numpy as np
 
 from data_pipelines.errors import StimageError
 
-__all__ = ["neighbour_index", "pool_neighbours", "context_features", "smooth_members", "dihedral", "DIHEDRAL"]
+__all__ = ["neighbour_index", "pool_neighbours", "context_features", "smooth_members", "dihedral", "DIHEDRAL",
+           "TTA_VIEWS", "MAX_SMOOTH_K", "view_order", "check_smoothing"]
 
 DIHEDRAL = 8
+TTA_VIEWS = (1, 4, 8)  # identity; the four rotations; all eight dihedral views
+MAX_SMOOTH_K = 64      # neighbours averaged in smoothing: a grid's ring is 4-8; more blurs tissue
+
+
+def view_order(views: int) -> list[int]:
+    """The dihedral views (indices for :func:`dihedral`) that ``views``-fold TTA averages."""
+    if views not in TTA_VIEWS:
+        raise StimageError(f"test-time augmentation takes {', '.join(map(str, TTA_VIEWS))} views, got {views}")
+    return list(range(views))
+
+
+def check_smoothing(d, where: str) -> dict:
+    """A model's ``smoothing`` record ``{"alpha": float in [0, 1], "k": 1..MAX_SMOOTH_K}`` (None →
+    off), validated; one StimageError line naming ``where`` otherwise."""
+    if d is None:
+        return {"alpha": 0.0, "k": 6}
+    ok = (isinstance(d, dict) and isinstance(d.get("alpha"), (int, float)) and not isinstance(d.get("alpha"), bool)
+          and 0.0 <= float(d["alpha"]) <= 1.0 and isinstance(d.get("k"), int) and not isinstance(d.get("k"), bool)
+          and 1 <= d["k"] <= MAX_SMOOTH_K)
+    if not ok:
+        raise StimageError(f"{where}: 'smoothing' must be {{\"alpha\": a number in [0, 1], \"k\": a whole number "
+                           f"in 1..{MAX_SMOOTH_K}}}, got {d!r}")
+    return {"alpha": float(d["alpha"]), "k": int(d["k"])}
 
 
 def neighbour_index(xy: np.ndarray, samples, k: int) -> np.ndarray:

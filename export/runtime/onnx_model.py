@@ -106,6 +106,15 @@ class OnnxEnsemble:
                 raise StimageError(f"{path}: metadata 'quantization' must be a JSON object with 'scheme' one of "
                                    f"{', '.join(QUANT_SCHEMES)}")
             self._trained = {**prov, "quantization": quant["scheme"]}  # predictions say they came from int8
+        from export.runtime.context import TTA_VIEWS, check_smoothing
+
+        # issue 21: the graph itself averages its test-time views ('tta' says how many, for the
+        # record); spatial smoothing runs after it, in NumPy (absent on older exports: off)
+        self.smoothing = check_smoothing(_json(meta, "smoothing", path), f"{path}: metadata")
+        tta = meta.get("tta", "1")
+        if tta not in {str(v) for v in TTA_VIEWS}:
+            raise StimageError(f"{path}: metadata 'tta' = {tta!r} must be one of {', '.join(map(str, TTA_VIEWS))}")
+        self.tta = int(tta)
         stain = _json(meta, "stain_reference", path)
         if stain:
             from data_pipelines.stain_normalisation import Reference

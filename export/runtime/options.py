@@ -64,7 +64,7 @@ def unit_fraction(text: str) -> float:
 
 
 def add_prediction_options(ap: argparse.ArgumentParser) -> None:
-    """--data | --slide, --mpp, --min-coverage, --genes, --out, --batch-size, --interval, --overwrite."""
+    """--data | --slide, --mpp, --min-coverage, --genes, --out, --batch-size, --interval, --smooth, --overwrite."""
     src = ap.add_mutually_exclusive_group(required=True)
     src.add_argument("--data", help=".h5ad of spots (with their image)")
     src.add_argument("--slide", help="H&E-only slide: OpenSlide formats, pyramidal TIFF, or JPEG/PNG with --mpp")
@@ -76,6 +76,9 @@ def add_prediction_options(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--batch-size", type=positive_int, default=32)
     ap.add_argument("--interval", type=open_fraction, default=0.8,
                     help="central predictive interval stored as q_lo/q_hi (default 0.8)")
+    ap.add_argument("--smooth", type=unit_fraction, default=None, metavar="ALPHA",
+                    help="average each member's predicted mean with its nearest spots' (tiles') with this weight "
+                         "(0 = off; default: the model's own setting, recorded in the prediction)")
     ap.add_argument("--overwrite", action="store_true", help="replace existing outputs")
 
 

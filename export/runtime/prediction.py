@@ -19,7 +19,7 @@ from export.runtime.moments import ensemble_moments_np, predictive_interval
 from export.runtime.predictor import CLASSIFY, REGRESS
 
 __all__ = ["build_prediction", "build_classification", "assemble", "predict_adata", "predict_slide",
-           "slide_to_files", "write_heatmaps"]
+           "slide_to_files", "write_heatmaps", "smoothing_for", "smooth_outputs"]
 
 
 def build_prediction(adata: ad.AnnData, mu: np.ndarray, r: np.ndarray, genes, provenance: dict,
@@ -72,20 +72,58 @@ def build_classification(adata: ad.AnnData, p_high: np.ndarray, genes, provenanc
     return out
 
 
+def smoothing_for(predictor, smooth: float | None = None) -> dict:
+    """The spatial smoothing a prediction applies: the model's own record (``predictor.smoothing``,
+    off for predictors without one) with ``smooth`` (when given) replacing its weight."""
+    from export.runtime.context import check_smoothing
+
+    own = getattr(predictor, "smoothing", None) if predictor.task == REGRESS else None
+    sm = check_smoothing(own, "the model")
+    if smooth is not None:
+        if not 0.0 <= smooth <= 1.0:
+            raise StimageError(f"--smooth must lie in [0, 1] (got {smooth})")
+        if smooth > 0 and predictor.task != REGRESS:
+            raise StimageError("--smooth applies to expression (regression) models, not classifiers")
+        sm["alpha"] = float(smooth)
+    return sm
+
+
+def smooth_outputs(adata: ad.AnnData, outputs: dict, smoothing: dict) -> dict:
+    """Members' NB means ``mu`` (M, N, G) averaged with the ``k`` nearest spots of the same
+    sample (``obsm["spatial"]``, ``obs["sample"]``) with weight ``alpha``
+    (:func:`~export.runtime.context.smooth_members`); ``r`` kept, so the mixture moments and
+    the interval are recomputed from the smoothed members. Unchanged when alpha is 0."""
+    from export.runtime.context import neighbour_index, smooth_members
+
+    if smoothing["alpha"] == 0.0 or "mu" not in outputs or adata.n_obs < 2:
+        return outputs
+    if keys.SPATIAL not in adata.obsm:
+        raise StimageError("spatial smoothing needs spot coordinates (obsm['spatial']); pass --smooth 0")
+    samples = (adata.obs[keys.SAMPLE].astype(str).to_numpy() if keys.SAMPLE in adata.obs
+               else np.zeros(adata.n_obs, np.int8))
+    idx = neighbour_index(np.asarray(adata.obsm[keys.SPATIAL], np.float64)[:, :2], samples, smoothing["k"])
+    return {**outputs, "mu": smooth_members(outputs["mu"], idx, smoothing["alpha"])}
+
+
 def assemble(adata: ad.AnnData, outputs: dict, predictor, *, interval: float = 0.8,
-             keep_members: bool = True) -> ad.AnnData:
-    """A predictor's ``params`` output for the spots of ``adata`` → the prediction AnnData."""
+             keep_members: bool = True, smoothing: dict | None = None) -> ad.AnnData:
+    """A predictor's ``params`` output for the spots of ``adata`` → the prediction AnnData
+    (members' means first smoothed over neighbouring spots as ``smoothing`` says; default:
+    the model's own setting, :func:`smoothing_for`)."""
     if predictor.task == CLASSIFY:
         return build_classification(adata, outputs["p_high"], predictor.genes,
                                     {**predictor.provenance, "task": CLASSIFY})
-    return build_prediction(adata, outputs["mu"], outputs["r"], predictor.genes,
-                            {**predictor.provenance, "task": REGRESS}, interval=interval,
+    smoothing = smoothing_for(predictor) if smoothing is None else smoothing
+    outputs = smooth_outputs(adata, outputs, smoothing)
+    prov = {**predictor.provenance, "task": REGRESS, "smoothing": smoothing,
+            "tta": int(getattr(predictor, "tta", 1))}
+    return build_prediction(adata, outputs["mu"], outputs["r"], predictor.genes, prov, interval=interval,
                             keep_members=keep_members)
 
 
 def predict_adata(adata: ad.AnnData, predictor, *, batch_size: int = 32, progress: bool = True,
-                  interval: float = 0.8, tiles: np.ndarray | None = None, features: dict | None = None
-                  ) -> ad.AnnData:
+                  interval: float = 0.8, tiles: np.ndarray | None = None, features: dict | None = None,
+                  smooth: float | None = None) -> ad.AnnData:
     """Predict every spot of ``adata`` with any :class:`~export.runtime.predictor.Predictor`.
 
     Tiles are cut at the predictor's geometry (and stain-normalised towards its reference)
@@ -95,9 +133,13 @@ def predict_adata(adata: ad.AnnData, predictor, *, batch_size: int = 32, progres
     Every spot's tissue coverage is recorded in ``obs["tissue_coverage"]`` whenever the
     model reads tiles: predictions on mostly-glass tiles are extrapolations a user may want
     to mask. ``interval``: the central NB-mixture interval stored as q_lo / q_hi.
+    ``smooth``: the weight of the neighbours' means (None: the model's own setting; 0: off).
     """
     if not 0.0 < interval < 1.0:
         raise StimageError(f"--interval must lie strictly between 0 and 1 (got {interval})")
+    smoothing = smoothing_for(predictor, smooth)
+    if smoothing["alpha"] > 0 and keys.SPATIAL not in adata.obsm and adata.n_obs > 1:
+        raise StimageError("spatial smoothing needs spot coordinates (obsm['spatial']); pass --smooth 0")
     # inputs a model reads from the AnnData itself (precomputed embeddings)
     own = predictor.spot_features(adata) if hasattr(predictor, "spot_features") else {}
     features = {**own, **(features or {})} or None
@@ -118,7 +160,7 @@ def predict_adata(adata: ad.AnnData, predictor, *, batch_size: int = 32, progres
     else:
         tiles = None
     outputs = predictor.params(tiles, batch_size=batch_size, progress=progress, features=features)
-    out = assemble(adata, outputs, predictor, interval=interval)
+    out = assemble(adata, outputs, predictor, interval=interval, smoothing=smoothing)
     if predictor.tile_um is not None and keys.TISSUE_COVERAGE not in out.obs:
         from data_pipelines.tissue import spot_tissue_coverage
 
@@ -128,13 +170,14 @@ def predict_adata(adata: ad.AnnData, predictor, *, batch_size: int = 32, progres
 
 
 def predict_slide(slide, predictor, *, min_coverage: float = DEFAULT_MIN_COVERAGE, batch_size: int = 32,
-                  progress: bool = True, interval: float = 0.8) -> ad.AnnData:
+                  progress: bool = True, interval: float = 0.8, smooth: float | None = None) -> ad.AnnData:
     """Grid-tile a whole slide on tissue and predict every tile, one batch in memory at a time.
 
     Any :class:`~export.runtime.predictor.Predictor` that reads tiles. One obs per tile;
     ``obsm["spatial"]`` its centre in slide px. Tiles are normalised towards the
     predictor's stain reference, with the slide's own stains estimated once from its
-    thumbnail. Members' NB parameters are not kept (size).
+    thumbnail. Members' NB parameters are not kept (size). Smoothing (``smooth``, default the
+    model's) averages each tile with its nearest grid tiles once every tile is predicted.
     """
     from tqdm.auto import tqdm
 
@@ -143,6 +186,7 @@ def predict_slide(slide, predictor, *, min_coverage: float = DEFAULT_MIN_COVERAG
 
     if predictor.tile_um is None:
         raise StimageError("this model reads precomputed embeddings, not tiles: it cannot predict a slide")
+    smoothing = smoothing_for(predictor, smooth)
     stain = predictor.stain
     centres, coverage, crop_px = slide_grid(slide, tile_um=predictor.tile_um, min_coverage=min_coverage)
     skeleton = grid_adata(slide, centres, coverage, crop_px, predictor.tile_um)
@@ -164,7 +208,7 @@ def predict_slide(slide, predictor, *, min_coverage: float = DEFAULT_MIN_COVERAG
             parts.setdefault(k, []).append(np.asarray(v))
     # members' arrays are (M, b, G): tiles on axis 1; p_high is (b, G)
     outputs = {k: np.concatenate(v, axis=1 if k in ("mu", "r") else 0) for k, v in parts.items()}
-    pred = assemble(skeleton, outputs, predictor, interval=interval, keep_members=False)
+    pred = assemble(skeleton, outputs, predictor, interval=interval, keep_members=False, smoothing=smoothing)
     pred.uns[keys.STIMAGE_UNS][keys.PREDICTION].update(
         {"slide": str(slide.path), "slide_mpp": slide.mpp, "min_coverage": min_coverage})
     return pred
@@ -219,7 +263,8 @@ def write_heatmaps(pred: ad.AnnData, genes, out_prefix, *, cell_px: int = 8, ove
 
 def slide_to_files(slide_path, predictor, out, *, mpp: float | None = None, heatmap_genes=(),
                    min_coverage: float = DEFAULT_MIN_COVERAGE, batch_size: int = 32, overwrite: bool = False,
-                   progress: bool = True, interval: float = 0.8, zarr_image_px: int | None = None):
+                   progress: bool = True, interval: float = 0.8, zarr_image_px: int | None = None,
+                   smooth: float | None = None):
     """The ``--slide`` command for any runtime: predict, write ``out`` (.h5ad) and
     ``<out stem>_<gene>.png`` heatmaps. Unknown genes and every existing output are refused
     before any work, so a failure never leaves a half-written set. ``out`` ending in ``.zarr``
@@ -237,6 +282,6 @@ def slide_to_files(slide_path, predictor, out, *, mpp: float | None = None, heat
         check_writable(p, overwrite)
         check_distinct(p, slide_path)
     pred = predict_slide(open_slide(slide_path, mpp=mpp), predictor, min_coverage=min_coverage,
-                         batch_size=batch_size, progress=progress, interval=interval)
+                         batch_size=batch_size, progress=progress, interval=interval, smooth=smooth)
     write_output(pred, out, overwrite=overwrite, max_image_px=zarr_image_px)  # .h5ad (scanpy-ready) or .zarr
     return pred, write_heatmaps(pred, heatmap_genes, _stem(out), overwrite=overwrite)

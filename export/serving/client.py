@@ -5,6 +5,8 @@ with ``tritonclient.http`` and binary tensors, so ``predict_adata(adata, ServedE
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 
 from data_pipelines.errors import StimageError
@@ -43,6 +45,16 @@ class ServedEnsemble:
 
             stain = Reference.from_dict(stain, where=f"{url} {name}'s stain reference")
         self.stain = stain or None
+        from export.runtime.context import check_smoothing
+
+        sm = p.get("smoothing")
+        try:
+            sm = json.loads(sm) if isinstance(sm, str) else sm  # Triton's parameters are strings
+            self.tta = int(p.get("tta", 1))
+        except (json.JSONDecodeError, TypeError, ValueError):
+            raise StimageError(f"model {name!r} at {url}: parameters 'smoothing'/'tta' are malformed") from None
+        # the server answers per tile; a section predicted through it is smoothed here, as locally
+        self.smoothing = check_smoothing(sm, f"model {name!r} at {url}")
         self.provenance = {"runtime": "stimage serve", "url": url, "model": name,
                            "model_version": meta.get("versions", [version])[0] if meta.get("versions") else version}
 

@@ -99,7 +99,10 @@ class ServedModel:
     def metadata(self) -> dict:
         params = {"genes": self.genes, "tile_um": self.tile_um, "tile_px": self.tile_px, "members": self.members,
                   "interval_level": INTERVAL, "stain_reference": json.loads(self.meta.get("stain_reference", "null")),
-                  "backbone": self.meta.get("backbone"), "target": self.meta.get("target")}
+                  "backbone": self.meta.get("backbone"), "target": self.meta.get("target"),
+                  # per-tile outputs are never smoothed (a request has no neighbours): a client that
+                  # predicts a section smooths them as the model says (ServedEnsemble + predict_adata)
+                  "tta": int(self.meta.get("tta", "1")), "smoothing": json.loads(self.meta.get("smoothing", "null"))}
         return {"name": self.name, "versions": [self.version], "platform": "onnxruntime_onnx",
                 "inputs": [{"name": "tiles", "datatype": "UINT8", "shape": self.input_shape}],
                 "outputs": [{"name": n, "datatype": "FP32", "shape": self.shapes[n]} for n in self.outputs],

@@ -34,7 +34,7 @@ SERVING_FORMAT = "stimage-jax-onnx-serving/1"
 MOMENT_OUTPUTS = ("mean", "var_aleatoric", "var_epistemic")
 GRAPH_OUTPUTS = ("mu", "r", *MOMENT_OUTPUTS)
 PARAMETER_KEYS = ("genes", "tile_um", "tile_px", "members", "backbone", "stain_reference", "target",
-                  "nb_parameterisation")
+                  "nb_parameterisation", "tta", "smoothing")
 
 
 def _load(model) :

@@ -50,11 +50,13 @@ def _target(text: str) -> str:
     return LOSSES_BY_TARGET[text]
 
 
-def _choices(values):
-    def parse(text: str) -> str:
-        if text not in values:
-            raise argparse.ArgumentTypeError(f"invalid choice {text!r} (choose from {', '.join(values)})")
-        return text
+def _choices(values, kind=str):
+    names = [str(v) for v in values]
+
+    def parse(text: str):
+        if text not in names:
+            raise argparse.ArgumentTypeError(f"invalid choice {text!r} (choose from {', '.join(names)})")
+        return kind(text)
     return parse
 
 
@@ -62,6 +64,7 @@ def add_run_options(p: argparse.ArgumentParser, *, defaults: RunConfig = RunConf
     """The training options. Each one's ``dest`` is a RunConfig field name and its default
     is SUPPRESS, so only options given on the command line override ``--config``."""
     from data_pipelines.stain_normalisation import METHODS as STAIN_METHODS
+    from export.runtime.context import TTA_VIEWS
     from stimage_jax.ensemble.stacked import STRATEGIES
     from stimage_jax.features.registry import BACKBONES
 
@@ -95,6 +98,13 @@ def add_run_options(p: argparse.ArgumentParser, *, defaults: RunConfig = RunConf
         type=positive_int)
     opt("--min-coverage", "leave out spots whose tile is less than this fraction tissue (0 keeps all; "
         f"default {f.min_coverage})", type=unit_fraction)
+    opt("--tta", "test-time augmentation: frozen-backbone features averaged over N dihedral views of each tile, "
+        f"in training and prediction ({', '.join(map(str, TTA_VIEWS))}; default 8 for a frozen backbone, 1 when "
+        "fine-tuning)", type=_choices(TTA_VIEWS, int))
+    opt("--smooth", "spatial smoothing stored with the model: each member's predicted mean averaged with its "
+        f"neighbours' with this weight (0 = off; default {d.context.smooth})", type=unit_fraction)
+    opt("--smooth-k", f"neighbours averaged by --smooth (nearest spots of the same sample; default "
+        f"{d.context.smooth_k})", type=positive_int)
     opt("--strategy", "train members at once (vmap) or one by one (loop); auto: loop when fine-tuning on CPU, "
         "else vmap", type=_choices(STRATEGIES))
     p.add_argument("--ensemble-strategy", dest="strategy", default=S, type=_choices(STRATEGIES), help=S)

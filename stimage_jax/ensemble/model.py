@@ -72,11 +72,14 @@ def heads_forward(members, member_sources, point: bool, feats: dict, tiles=None)
     return jnp.stack(mus), jnp.stack(rs)
 
 
-def forward(backbones: dict, members, member_sources, point: bool, tiles):
+def forward(backbones: dict, members, member_sources, point: bool, tiles, tta: int = 1):
     """uint8 tiles (B, H, W, 3) → (mu, r), each (M, B, G): THE forward pass. Each frozen
-    backbone runs once and all its heads reuse its features. ``EnsembleModel.params`` runs
-    it in batches (features cached); ``export.to_onnx`` traces it into the graph."""
-    feats = {name: bb(tiles) for name, bb in backbones.items()}
+    backbone runs once per test-time view (``tta`` dihedral views, features averaged) and all
+    its heads reuse its features. ``EnsembleModel.params`` runs it in batches (features
+    cached); ``export.to_onnx`` traces it into the graph."""
+    from stimage_jax.features.tta import tta_backbone
+
+    feats = {name: tta_backbone(bb, tiles, tta) for name, bb in backbones.items()}
     return heads_forward(members, member_sources, point, feats, tiles)
 
 
@@ -153,6 +156,11 @@ def _check_config(cfg: dict, meta: Path) -> None:
     if any(x["kind"] == "backbone" for x in sources) and not (
             isinstance(tile_px, int) and 8 <= tile_px <= 8192 and isinstance(tile_um, (int, float)) and 0 < tile_um):
         bad("'tile_px' and 'tile_um' must be a tile size in px (8-8192) and µm")
+    from export.runtime.context import TTA_VIEWS, check_smoothing
+
+    if cfg.get("tta", 1) not in TTA_VIEWS or isinstance(cfg.get("tta"), bool):
+        bad(f"'tta' must be one of {', '.join(map(str, TTA_VIEWS))}")
+    check_smoothing(cfg.get("smoothing"), str(meta))
 
 
 def _stack(states):
@@ -219,6 +227,20 @@ class EnsembleModel:
     @property
     def provenance(self) -> dict:
         return {**model_provenance(self.config), "runtime": "jax"}
+
+    @property
+    def tta(self) -> int:
+        """Dihedral views whose frozen-backbone features are averaged (1 = off; models saved
+        before issue 21 have no record and used none)."""
+        return int(self.config.get("tta", 1))
+
+    @property
+    def smoothing(self) -> dict:
+        """``{"alpha", "k"}``: each member's NB mean averaged with its k nearest spots' at
+        prediction (alpha 0 = off; see export.runtime.context)."""
+        from export.runtime.context import check_smoothing
+
+        return check_smoothing(self.config.get("smoothing"), "model.json")
 
     @property
     def point(self) -> bool:
@@ -343,6 +365,7 @@ class EnsembleModel:
         array instead of a dict stands for the only source).
         """
         from stimage_jax.features.extract import extract_features
+        from stimage_jax.features.tta import tta_extract
 
         if features is not None and not isinstance(features, dict):
             if len(self.sources) != 1:
@@ -362,8 +385,10 @@ class EnsembleModel:
             elif name in self.backbones:
                 if tiles is None:
                     raise StimageError(f"source {name} needs tiles or precomputed features")
-                features[name] = extract_features(self.backbones[name], tiles, batch_size=batch_size,
-                                                  progress=progress)
+                features[name] = (extract_features(self.backbones[name], tiles, batch_size=batch_size,
+                                                   progress=progress) if self.tta == 1 else
+                                  tta_extract(self.backbones[name], tiles, self.tta, batch_size=batch_size,
+                                              progress=progress))
         return features
 
     def member_params(self, tiles: np.ndarray | None, *, batch_size: int = 32, progress: bool = True,

@@ -46,7 +46,7 @@ def gene_mean_fn(model, gene: str) -> Callable:
     if not isinstance(model, EnsembleModel):  # onnxruntime: forward passes only
         return gene_forward_fn(model, gene)
     sources = tuple(model.member_sources)
-    return lambda tiles: forward(model.backbones, model.members, sources, model.point, tiles)[0][:, :, g].mean(0)
+    return lambda tiles: forward(model.backbones, model.members, sources, model.point, tiles, model.tta)[0][:, :, g].mean(0)
 
 
 def smoothgrad(fn: Callable, tile: np.ndarray, *, key: jax.Array, n_samples: int = 25,

@@ -377,5 +377,11 @@ def test_served_ensemble_is_a_predictor_and_predicts_the_section_as_the_file_doe
     _close(np.asarray(a.X), np.asarray(b.X), "X")
     for k in ("var_aleatoric", "q_lo", "q_hi"):
         _close(np.asarray(a.layers[k]), np.asarray(b.layers[k]), k)
+    # The model's defaults (issue 21) travel through the server's metadata: TTA runs inside the
+    # served graph, smoothing in the client over the section's spots, as with the local file.
+    assert served.tta == 8 and served.smoothing == {"alpha": 0.5, "k": 6} == OnnxEnsemble(exported[0]).smoothing
+    assert a.uns["stimage"]["prediction"]["smoothing"] == {"alpha": 0.5, "k": 6}
+    raw = predict_adata(sub, served, progress=False, smooth=0.0)
+    assert not np.allclose(np.asarray(raw.X), np.asarray(a.X), rtol=1e-3)
     with pytest.raises(Exception, match="unknown model"):
         ServedEnsemble(server.url, "nope")
