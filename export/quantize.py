@@ -37,7 +37,9 @@ from data_pipelines.errors import StimageError
 from export.runtime.onnx_model import QUANT_SCHEMES
 
 __all__ = ["QUANT_SCHEMES", "DEFAULT_MAX_PCC_DROP", "DEFAULT_CALIBRATION_TILES", "GateReport", "calibration_tiles",
-           "quantize_int8", "accuracy_gate", "quantize_with_gate", "model_digest"]
+           "quantize_int8", "accuracy_gate", "quantize_with_gate", "model_digest", "quantize_qdq",
+           "quantization_record", "check_calibration_tiles", "TileReader", "load_proto", "model_meta",
+           "set_model_meta", "save"]
 
 DEFAULT_MAX_PCC_DROP = 0.01
 DEFAULT_CALIBRATION_TILES = 256
@@ -171,9 +173,11 @@ def _feature_tail(proto) -> list[str]:
 class _TileReader:
     """onnxruntime's CalibrationDataReader protocol over uint8 tiles, in batches; ``set_range``
     lets the calibrator take one batch at a time (``CalibStridedMinMax``) and merge its ranges,
-    so memory holds one batch of activations, not every batch's."""
+    so memory holds one batch of activations, not every batch's. ``input_name``: the graph's
+    input (``tiles`` in every stimage export)."""
 
-    def __init__(self, tiles: np.ndarray, batch_size: int, progress: bool):
+    def __init__(self, tiles: np.ndarray, batch_size: int, progress: bool, input_name: str = "tiles"):
+        self._input = input_name
         from tqdm.auto import tqdm
 
         self._batches = [tiles[s:s + batch_size] for s in range(0, len(tiles), batch_size)]
@@ -191,7 +195,54 @@ class _TileReader:
         if batch is None:
             return None
         self._bar.update(1)
-        return {"tiles": batch}
+        return {self._input: batch}
+
+
+def quantize_qdq(proto, reader, *, op_types: tuple[str, ...] = QUANTIZED_OPS, exclude=None,
+                 per_channel: bool = True, method: str = "minmax", options: dict | None = None):
+    """The static QDQ step every quantised export shares: fp32 ModelProto + a calibration
+    reader (onnxruntime's ``CalibrationDataReader`` protocol, e.g. :class:`_TileReader`) →
+    the int8 ModelProto (metadata untouched). The graph is pre-processed first (batch norms
+    folded, shapes inferred); ``exclude`` is a list of node names or a function of the
+    pre-processed ModelProto returning one (node names exist only after pre-processing);
+    ``options`` are extra ``quantize_static`` options on top of the defaults."""
+    import onnx
+    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    methods = {"minmax": CalibrationMethod.MinMax, "percentile": CalibrationMethod.Percentile,
+               "entropy": CalibrationMethod.Entropy}
+    if method not in methods:
+        raise StimageError(f"calibration method must be one of {', '.join(methods)}, got {method!r}")
+    with tempfile.TemporaryDirectory(prefix="stimage-quant-") as tmp:
+        src, pre, out = (Path(tmp) / n for n in ("fp32.onnx", "pre.onnx", "int8.onnx"))
+        onnx.save_model(proto, src)
+        # folds batch norms into the convolutions (per-channel weights are then the real ones)
+        quant_pre_process(str(src), str(pre), skip_symbolic_shape=True)
+        names = exclude(onnx.load(str(pre))) if callable(exclude) else list(exclude or [])
+        extra = {"WeightSymmetric": True, "ActivationSymmetric": False}
+        if method == "minmax":
+            extra["CalibStridedMinMax"] = 1  # ranges merged batch by batch: memory stays one batch of activations
+        quantize_static(str(pre), str(out), reader, quant_format=QuantFormat.QDQ, op_types_to_quantize=list(op_types),
+                        per_channel=per_channel, activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
+                        calibrate_method=methods[method], nodes_to_exclude=names, extra_options={**extra, **(options or {})})
+        return onnx.load(str(out))
+
+
+def quantization_record(fp32_proto, *, op_types, per_channel: bool, fp32: str, calibration: dict,
+                        method: str = "minmax") -> dict:
+    """The metadata record (``quantization``) of a QDQ int8 model, before its gate's figures."""
+    return {"scheme": "int8", "format": "QDQ", "ops": list(op_types),
+            "weights": "int8 symmetric per-channel" if per_channel else "int8 symmetric per-tensor",
+            "activations": f"uint8 asymmetric, {method} calibration", "fp32": fp32,
+            "fp32_sha256": model_digest(fp32_proto), "calibration": calibration}
+
+
+def check_calibration_tiles(tiles, px: int) -> np.ndarray:
+    tiles = np.asarray(tiles)
+    if tiles.ndim != 4 or tiles.shape[1:] != (px, px, 3) or tiles.dtype != np.uint8 or not len(tiles):
+        raise StimageError(f"calibration tiles must be uint8 (N >= 1, {px}, {px}, 3), got {tiles.dtype} {tiles.shape}")
+    return tiles
 
 
 def quantize_int8(model, tiles: np.ndarray, *, batch_size: int = 8, per_channel: bool = True,
@@ -200,37 +251,15 @@ def quantize_int8(model, tiles: np.ndarray, *, batch_size: int = 8, per_channel:
     """fp32 export (path or ModelProto) + calibration tiles (N, px, px, 3) uint8 → the static
     QDQ int8 ModelProto (same inputs, outputs and metadata, plus ``quantization``)."""
     import onnx
-    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
-    from onnxruntime.quantization.shape_inference import quant_pre_process
 
     proto = _load_proto(model)
     meta = _check_fp32_export(proto)
-    px = int(meta["tile_px"])
-    tiles = np.asarray(tiles)
-    if tiles.ndim != 4 or tiles.shape[1:] != (px, px, 3) or tiles.dtype != np.uint8 or not len(tiles):
-        raise StimageError(f"calibration tiles must be uint8 (N >= 1, {px}, {px}, 3), got {tiles.dtype} {tiles.shape}")
-    with tempfile.TemporaryDirectory(prefix="stimage-quant-") as tmp:
-        src, pre, out = (Path(tmp) / n for n in ("fp32.onnx", "pre.onnx", "int8.onnx"))
-        onnx.save_model(proto, src)
-        # folds batch norms into the convolutions (per-channel weights are then the real ones)
-        quant_pre_process(str(src), str(pre), skip_symbolic_shape=True)
-        pre_proto = onnx.load(str(pre))
-        exclude = _feature_tail(pre_proto) if fp32_tail else []
-        methods = {"minmax": CalibrationMethod.MinMax, "percentile": CalibrationMethod.Percentile,
-                   "entropy": CalibrationMethod.Entropy}
-        quantize_static(str(pre), str(out), _TileReader(tiles, batch_size, progress), quant_format=QuantFormat.QDQ,
-                        op_types_to_quantize=list(QUANTIZED_OPS), per_channel=per_channel,
-                        activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
-                        calibrate_method=methods[method], nodes_to_exclude=exclude,
-                        # ranges merged batch by batch: memory stays one batch of activations
-                        extra_options={"WeightSymmetric": True, "ActivationSymmetric": False,
-                                       "CalibStridedMinMax": 1} if method == "minmax" else
-                        {"WeightSymmetric": True, "ActivationSymmetric": False})
-        q = onnx.load(str(out))
-    record = {"scheme": "int8", "format": "QDQ", "ops": list(QUANTIZED_OPS),
-              "weights": "int8 symmetric per-channel" if per_channel else "int8 symmetric per-tensor",
-              "activations": "uint8 asymmetric, min/max calibration", "fp32": "the rest (input scaling, NB heads)",
-              "fp32_sha256": model_digest(proto), "calibration": calibration or {"tiles": int(len(tiles))}}
+    tiles = check_calibration_tiles(tiles, int(meta["tile_px"]))
+    q = quantize_qdq(proto, _TileReader(tiles, batch_size, progress), per_channel=per_channel, method=method,
+                     exclude=_feature_tail if fp32_tail else None)
+    record = quantization_record(proto, op_types=QUANTIZED_OPS, per_channel=per_channel, method=method,
+                                 fp32="the rest (input scaling, NB heads)",
+                                 calibration=calibration or {"tiles": int(len(tiles))})
     _set_meta(q, {**meta, "quantization": json.dumps(record)})
     onnx.checker.check_model(q)
     return q
@@ -396,3 +425,10 @@ def save(proto, out: str | os.PathLike, *, overwrite: bool = False) -> Path:
     with atomic_path(out, overwrite=overwrite) as tmp:
         onnx.save_model(proto, tmp)
     return out
+
+
+# public names of the shared pieces (the cell model's quantisation, stimage_jax.cells.quantize, reuses them)
+TileReader = _TileReader
+load_proto = _load_proto
+model_meta = _meta
+set_model_meta = _set_meta

@@ -60,7 +60,8 @@ from stimage_jax.features.tiny import TinyCNN
 __all__ = ["TYPE_NAMES", "STRIDE", "HoverOutput", "MultiScaleEncoder", "Decoder", "HoVerNet",
            "hovernet_lite0", "hovernet_resnet50", "hovernet_tiny", "PRESETS", "create_hovernet", "init_random",
            "sobel_kernels", "hv_gradient", "xentropy_loss", "dice_loss", "mse_loss", "msge_loss",
-           "LOSS_WEIGHTS", "hovernet_loss", "probabilities", "export_cells_onnx", "set_depthwise_impl"]
+           "LOSS_WEIGHTS", "hovernet_loss", "probabilities", "export_cells_onnx", "cells_onnx_proto",
+           "set_depthwise_impl"]
 
 # Default type classes (index = class id in TC maps and tables); 0 is background. Defined
 # once, beside the type tables that use the same ids.
@@ -428,19 +429,16 @@ def set_depthwise_impl(module: nnx.Module, impl: str) -> None:
             sub.depthwise_impl = impl
 
 
-def export_cells_onnx(model: HoVerNet, path: str | os.PathLike, *, size: int = 256, overwrite: bool = False,
-                      metadata: dict | None = None, opset: int = 23) -> Path:
-    """Write ``model`` as ONNX: ``tiles`` uint8 (B, size, size, 3), dynamic B →
+def cells_onnx_proto(model: HoVerNet, *, size: int = 256, metadata: dict | None = None, opset: int = 23):
+    """``model`` as an ONNX ModelProto: ``tiles`` uint8 (B, size, size, 3), dynamic B →
     ``np`` (B, size, size) nucleus probability, ``hv`` (B, size, size, 2) and, with a TC
-    branch, ``tc`` (B, size, size, K) type probabilities. Returns the path (written atomically).
+    branch, ``tc`` (B, size, size, K) type probabilities.
 
     Post-processing (:mod:`stimage_jax.cells.postprocess`) is NumPy and stays outside the
     graph. ``metadata`` (JSON-able values) goes to ``metadata_props`` with the type names.
     """
     import onnx
     from jax2onnx import to_onnx
-
-    from data_pipelines.io import atomic_path
 
     if size <= 0 or size % STRIDE:
         raise StimageError(f"ONNX input size must be a positive multiple of {STRIDE}, got {size}")
@@ -465,7 +463,19 @@ def export_cells_onnx(model: HoVerNet, path: str | os.PathLike, *, size: int = 2
     for k, v in meta.items():
         proto.metadata_props.add(key=k, value=v if isinstance(v, str) else json.dumps(v))
     onnx.checker.check_model(proto)
+    return proto
+
+
+def export_cells_onnx(model: HoVerNet, path: str | os.PathLike, *, size: int = 256, overwrite: bool = False,
+                      metadata: dict | None = None, opset: int = 23) -> Path:
+    """Write :func:`cells_onnx_proto` of ``model`` to ``path`` (atomically); returns the path."""
+    import onnx
+
+    from data_pipelines.io import atomic_path, check_writable
+
     path = Path(path)
+    check_writable(path, overwrite)
+    proto = cells_onnx_proto(model, size=size, metadata=metadata, opset=opset)
     with atomic_path(path, overwrite=overwrite) as tmp:
         onnx.save_model(proto, tmp)
     return path

@@ -2,9 +2,13 @@
 
     stimage cells train --data DIR --workdir W [--backbone efficientnet_lite0|resnet50|tiny]
                         [--minutes M] [--steps N] [--batch-size B] [--lr LR] ...
-    stimage cells predict --model W --image TILE.png --out INSTANCES.png
+    stimage cells predict --model W_OR_CELLS.onnx --image TILE.png --out INSTANCES.png
     stimage cells evaluate --pred INSTANCES.png --truth XML_OR_INSTANCES --out metrics.json
     stimage cells export-onnx --model W --out cells.onnx [--size 256]
+    stimage cells export-onnx --model W_OR_CELLS.onnx --out cells_int8.onnx --quantize int8
+                              --calibration IMG_OR_FOLDER [...] [--calibration-tiles 64]
+                              [--validate IMG_OR_FOLDER ...] [--max-aji-drop 0.01]
+                              [--min-agreement 0.98] [--force]
 
 ``predict`` writes the instance map (16-bit PNG, or ``.npy``), ``<stem>_types.csv`` (one
 row per nucleus: id, centroid x/y, area, and with a TC branch its type, type name, the
@@ -14,6 +18,11 @@ probabilities — of the nucleus/background probability for a model without type
 PNG scales 0..log K to 0..255). ``evaluate`` writes HoVer-Net's instance metrics as JSON,
 plus type metrics when the prediction has types and the truth a type table
 (``--truth-types``, or ``<truth stem>_types.csv`` beside the truth).
+
+``predict --model M.onnx`` runs an exported network (fp32 or int8) with onnxruntime
+(:class:`stimage_jax.cells.onnx_model.OnnxCellModel`), no JAX. ``export-onnx --quantize int8``
+calibrates a static int8 model on H&E images and writes it only when the accuracy gate
+passes (:mod:`stimage_jax.cells.quantize`); ``--model`` may then also be an fp32 export.
 
 ``add_parser(subparsers)`` adds the ``cells`` command to the main parser; handlers raise
 :class:`StimageError` for bad input (the main CLI prints it as one line). The library
@@ -27,6 +36,7 @@ import dataclasses
 import json
 from pathlib import Path
 
+from data_pipelines.errors import StimageError
 from stimage_jax.cli.common import add_overwrite, nonnegative_int, positive_float, positive_int
 
 __all__ = ["add_parser", "cmd_cells_train", "cmd_cells_predict", "cmd_cells_evaluate", "cmd_cells_export"]
@@ -61,9 +71,12 @@ def cmd_cells_predict(a) -> int:
     from stimage_jax.cells.outputs import prediction_paths, write_cell_prediction
     from stimage_jax.cells.train import CellModel
 
+    from stimage_jax.cells.onnx_model import OnnxCellModel, is_cells_onnx
+
     for p in prediction_paths(a.out):
         check_distinct(p, a.image)
-    n, paths = write_cell_prediction(CellModel.load(a.model), load_image(a.image), a.out, overwrite=a.overwrite)
+    model = OnnxCellModel(a.model) if is_cells_onnx(a.model) else CellModel.load(a.model)
+    n, paths = write_cell_prediction(model, load_image(a.image), a.out, overwrite=a.overwrite)
     if not _quiet(a):
         print(f"{n} nuclei → {paths[0]} (+ {', '.join(p.name for p in paths[1:])})")
     return 0
@@ -85,15 +98,47 @@ def cmd_cells_evaluate(a) -> int:
     return 0
 
 
-def cmd_cells_export(a) -> int:
-    from stimage_jax.cells.hovernet import export_cells_onnx
-    from stimage_jax.cells.train import CellModel
+def _check_quantize_args(a) -> None:
+    given = [f for f, v in (("--calibration", a.calibration), ("--validate", a.validate), ("--force", a.force))
+             if v]
+    if not a.quantize and given:
+        raise StimageError(f"{', '.join(given)} go with --quantize int8")
+    if a.quantize and not a.calibration:
+        raise StimageError("--quantize int8 needs --calibration IMG_OR_FOLDER (H&E images whose windows set the "
+                           "int8 ranges)")
 
-    model = CellModel.load(a.model)
-    path = export_cells_onnx(model.net, a.out, size=a.size, overwrite=a.overwrite,
-                             metadata={"type_names": model.type_names, "model_config": model.config})
+
+def cmd_cells_export(a) -> int:
+    from data_pipelines.io import check_writable
+    from stimage_jax.cells.onnx_model import is_cells_onnx
+
+    _check_quantize_args(a)
+    out = check_writable(a.out, a.overwrite, [a.model])
+    if is_cells_onnx(a.model):
+        if not a.quantize:
+            raise StimageError(f"--model {a.model} is already an ONNX export (an .onnx --model is for --quantize int8)")
+        proto = a.model
+    else:
+        from stimage_jax.cells.hovernet import cells_onnx_proto, export_cells_onnx
+        from stimage_jax.cells.train import CellModel
+
+        model = CellModel.load(a.model)
+        meta = {"type_names": model.type_names, "model_config": model.config}
+        if not a.quantize:
+            path = export_cells_onnx(model.net, out, size=a.size, overwrite=a.overwrite, metadata=meta)
+            if not _quiet(a):
+                print(f"wrote {path}")
+            return 0
+        proto = cells_onnx_proto(model.net, size=a.size, metadata=meta)
+    from export.quantize import save
+    from stimage_jax.cells.quantize import quantize_cells_with_gate
+
+    q, gate = quantize_cells_with_gate(proto, a.calibration, validate=a.validate, n_tiles=a.calibration_tiles,
+                                       max_aji_drop=a.max_aji_drop, min_agreement=a.min_agreement, force=a.force,
+                                       progress=not _quiet(a), report=(lambda _: None) if _quiet(a) else print)
+    path = save(q, out, overwrite=a.overwrite)
     if not _quiet(a):
-        print(f"wrote {path}")
+        print(f"wrote {path} (int8{', gate FAILED, forced' if not gate.passed else ''})")
     return 0
 
 
@@ -131,7 +176,8 @@ def add_parser(subparsers, parents: tuple = ()) -> argparse.ArgumentParser:
     t.set_defaults(func=cmd_cells_train)
 
     p = sub.add_parser("predict", parents=list(parents), help="segment and classify the nuclei of one image")
-    p.add_argument("--model", required=True, help="training workdir (or its model/ folder)")
+    p.add_argument("--model", required=True, help="training workdir (or its model/ folder), or a cells .onnx "
+                   "export (fp32 or int8)")
     p.add_argument("--image", required=True)
     p.add_argument("--out", required=True, help="instance map: .png (16-bit), .tif or .npy")
     add_overwrite(p)
@@ -148,9 +194,21 @@ def add_parser(subparsers, parents: tuple = ()) -> argparse.ArgumentParser:
     e.set_defaults(func=cmd_cells_evaluate)
 
     x = sub.add_parser("export-onnx", parents=list(parents), help="export a trained cell model to ONNX")
-    x.add_argument("--model", required=True)
+    x.add_argument("--model", required=True, help="training workdir (or model/ folder); with --quantize also an "
+                   "fp32 cells .onnx")
     x.add_argument("--out", required=True)
     x.add_argument("--size", type=positive_int, default=256, help="input side (multiple of 32); batch is dynamic")
+    x.add_argument("--quantize", choices=["int8"], help="static int8 (QDQ) network, gated against fp32")
+    x.add_argument("--calibration", nargs="+", metavar="IMG_OR_FOLDER",
+                   help="H&E images (or folders of them) whose windows calibrate --quantize")
+    x.add_argument("--calibration-tiles", type=positive_int, default=64, help="calibration windows (size²) at most")
+    x.add_argument("--validate", nargs="+", metavar="IMG_OR_FOLDER",
+                   help="images the accuracy gate segments with both models (default the calibration images)")
+    x.add_argument("--max-aji-drop", type=float, default=0.01,
+                   help="refuse the int8 model when AJI on annotated gate images drops by more")
+    x.add_argument("--min-agreement", type=float, default=0.98,
+                   help="refuse the int8 model when nucleus-mask or type pixel agreement with fp32 is lower")
+    x.add_argument("--force", action="store_true", help="write the int8 model even when the gate fails")
     add_overwrite(x)
     x.set_defaults(func=cmd_cells_export)
     return c
