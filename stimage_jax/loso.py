@@ -13,8 +13,15 @@ with :func:`stimage_jax.metrics.evaluate` (per gene, per sample: never pooled). 
   nearest spots' features of the same sample), ``stimage_tta`` (features averaged over
   the 8 dihedral views of the tile), ``stimage_smooth`` (each member's NB mean smoothed
   half-and-half with its neighbours' means, moments recomputed) and their combinations
-  ``stimage_ctx_smooth``, ``stimage_tta_smooth``, ``stimage_tta_ctx``, ``stimage_tta_ctx_smooth``. All are
-  image-only: nothing reads the held-out sample's expression.
+  ``stimage_ctx_smooth``, ``stimage_tta_smooth``, ``stimage_tta_ctx``, ``stimage_tta_ctx_smooth``;
+- global context (issue 21, TRIPLEX's global branch; :mod:`stimage_jax.features.global_context`):
+  ``stimage_global`` (own features ‖ features of the ``global_um`` µm field around the
+  spot resized to the backbone's input), ``stimage_global_mean`` (their mean),
+  ``stimage_global_pca`` (own ‖ the field's features projected on ``global_pca``
+  principal components fitted on the training samples), each also ``_smooth`` and with
+  ``stimage_tta_`` (the tile's features averaged over 8 dihedral views, the field's from
+  one view: one extra backbone pass per spot, not eight).
+  All are image-only: nothing reads the held-out sample's expression.
 
 Outputs under ``workdir``: ``folds/<sample>/<method>.csv`` (one row per gene; a fold's
 files are written when it finishes, so a rerun resumes at the first missing one),
@@ -37,12 +44,15 @@ from data_pipelines.errors import StimageError
 from data_pipelines.io import atomic_path
 from stimage_jax.ensemble.train import TrainConfig
 
-__all__ = ["METHODS", "DEFAULT_METHODS", "CONTEXT_METHODS", "run_loso", "summary_markdown", "plot_boxplots"]
+__all__ = ["METHODS", "DEFAULT_METHODS", "CONTEXT_METHODS", "GLOBAL_METHODS", "run_loso", "summary_markdown", "plot_boxplots"]
 
 DEFAULT_METHODS = ("stimage", "stimage_single", "ridge", "mse")
 CONTEXT_METHODS = ("stimage_smooth", "stimage_ctx", "stimage_ctx_smooth", "stimage_tta", "stimage_tta_smooth",
                    "stimage_tta_ctx", "stimage_tta_ctx_smooth")
-METHODS = DEFAULT_METHODS + CONTEXT_METHODS
+GLOBAL_METHODS = tuple(f"stimage{t}_global{g}{s}" for t in ("", "_tta") for g in ("", "_mean", "_pca")
+                       for s in ("", "_smooth"))
+METHODS = DEFAULT_METHODS + CONTEXT_METHODS + GLOBAL_METHODS
+FEATURE_METHODS = CONTEXT_METHODS + GLOBAL_METHODS  # methods built on the base model's backbone
 VARIANT_KEY = "stimage_variant_features"  # obsm key of a variant's features (an embedding source)
 log = logging.getLogger("stimage")
 
@@ -54,10 +64,25 @@ def _point_prediction(truth: ad.AnnData, mean: np.ndarray, genes, method: str) -
     return build_prediction(truth, mu, np.full_like(mu, np.inf), genes, {"method": method}, keep_members=False)
 
 
+def _variant(method: str) -> tuple[bool, bool, str | None]:
+    """A context method's feature variant: (tta, ctx, global mode or None)."""
+    glob = ("pca" if "_global_pca" in method else "mean" if "_global_mean" in method
+            else "concat" if "_global" in method else None)
+    return "_tta" in method, "_ctx" in method, glob
+
+
+def _variant_name(tta: bool, ctx: bool, glob: str | None) -> str:
+    return ("stimage" + ("_tta" if tta else "") + ("_ctx" if ctx else "")
+            + ("" if glob is None else "_global" + ("" if glob == "concat" else f"_{glob}")))
+
+
 def _variant_features(model, adatas: list, *, tta: bool, ctx: bool, context_k: int, cache: Path,
-                      progress: bool) -> list[np.ndarray]:
+                      progress: bool, glob: str | None = None, global_um: float = 300.0,
+                      global_pca: int = 64) -> list[np.ndarray]:
     """Per-sample features of the base model's frozen backbone, TTA-averaged over the 8
-    dihedral views and/or with the neighbours' mean appended."""
+    dihedral views, combined with the ``global_um`` field's features (``glob``: concat,
+    mean or pca — the projection fitted on ``adatas[:-1]``, the training samples) and/or
+    with the neighbours' mean appended."""
     from data_pipelines import keys
     from data_pipelines.tiles import spot_tiles
     from export.runtime.context import context_features, neighbour_index
@@ -67,8 +92,14 @@ def _variant_features(model, adatas: list, *, tta: bool, ctx: bool, context_k: i
     src = model.sources[0]
     backbone = model.backbones[src["name"]]
     geometry = {"backbone": src["backbone"], "tile_um": model.config["tile_um"], "tile_px": model.config["tile_px"]}
-    out = []
+    out, fields = [], []
     for a in adatas:
+        if glob is not None:
+            from stimage_jax.features.global_context import global_features
+
+            fields.append(global_features(backbone, a, global_um, geometry["tile_px"], sample=_sample_id(a),
+                                          backbone_name=src["backbone"], weights_fp=src["weights_fingerprint"],
+                                          cache=cache, views=1, stain=model.stain, progress=progress))
         if tta:
             tiles = spot_tiles(a, tile_um=geometry["tile_um"], tile_px=geometry["tile_px"], cache_dir=cache / "tiles",
                                progress=progress, stain=model.stain)
@@ -78,10 +109,15 @@ def _variant_features(model, adatas: list, *, tta: bool, ctx: bool, context_k: i
         else:
             f = sample_features(backbone, [a], geometry, src["weights_fingerprint"], cache, progress=progress,
                                 stain=model.stain)[0]
-        if ctx:
-            f = context_features(f, neighbour_index(a.obsm[keys.SPATIAL], a.obs[keys.SAMPLE].astype(str).to_numpy(),
-                                                    context_k))
         out.append(f)
+    if glob is not None:
+        from stimage_jax.features.global_context import combine_global, fit_pca
+
+        pca = fit_pca(np.concatenate(fields[:-1]), global_pca) if glob == "pca" else None
+        out = [combine_global(f, g, glob, pca) for f, g in zip(out, fields)]
+    if ctx:
+        out = [context_features(f, neighbour_index(a.obsm[keys.SPATIAL], a.obs[keys.SAMPLE].astype(str).to_numpy(),
+                                                   context_k)) for f, a in zip(out, adatas)]
     return out
 
 
@@ -99,7 +135,8 @@ def _smoothed(pred: ad.AnnData, truth: ad.AnnData, genes, context_k: int, alpha:
 
 
 def _context_methods(model, train_ads, truth, wd: Path, methods, common: dict, *, members, config, context_k,
-                     smooth, cache, progress, base_pred) -> dict[str, pd.DataFrame]:
+                     smooth, cache, progress, base_pred, global_um: float = 300.0,
+                     global_pca: int = 64) -> dict[str, pd.DataFrame]:
     from stimage_jax.metrics import evaluate
     from stimage_jax.pipeline import predict, train
 
@@ -107,11 +144,11 @@ def _context_methods(model, train_ads, truth, wd: Path, methods, common: dict, *
     if "stimage_smooth" in methods:
         out["stimage_smooth"] = evaluate(_smoothed(base_pred, truth, model.genes, context_k, smooth,
                                                    "stimage_smooth"), truth)[0]
-    variants = {(("tta" in m), ("ctx" in m)) for m in methods if m in CONTEXT_METHODS and m != "stimage_smooth"}
-    for tta, ctx in sorted(variants):
-        name = "stimage" + ("_tta" if tta else "") + ("_ctx" if ctx else "")
+    variants = {_variant(m) for m in methods if m in FEATURE_METHODS and m != "stimage_smooth"}
+    for tta, ctx, glob in sorted(variants, key=str):
+        name = _variant_name(tta, ctx, glob)
         feats = _variant_features(model, [*train_ads, truth], tta=tta, ctx=ctx, context_k=context_k, cache=cache,
-                                  progress=progress)
+                                  progress=progress, glob=glob, global_um=global_um, global_pca=global_pca)
         ads = []
         for a, f in zip([*train_ads, truth], feats):
             a = a.copy()
@@ -129,7 +166,8 @@ def _context_methods(model, train_ads, truth, wd: Path, methods, common: dict, *
 
 
 def _fold(adatas: dict, test: str, wd: Path, methods, *, genes, backbone, members, config, tile_um, tile_px,
-          seed, progress, cache, context_k: int = 6, smooth: float = 0.5) -> dict[str, pd.DataFrame]:
+          seed, progress, cache, context_k: int = 6, smooth: float = 0.5, global_um: float = 300.0,
+          global_pca: int = 64) -> dict[str, pd.DataFrame]:
     from export.runtime.prediction import build_prediction
     from stimage_jax.baselines import apply_ridge, fit_ridge
     from stimage_jax.metrics import evaluate
@@ -141,7 +179,7 @@ def _fold(adatas: dict, test: str, wd: Path, methods, *, genes, backbone, member
                   cache_dir=cache, min_coverage=0.0,  # tile QC was applied to every sample up front
                   tta=1, smooth=0.0)  # each method states its own TTA/smoothing (the run defaults are TTA 8 + smooth)
     out = {}
-    need_nb = {"stimage", "stimage_single", "ridge", *CONTEXT_METHODS} & set(methods)
+    need_nb = {"stimage", "stimage_single", "ridge", *FEATURE_METHODS} & set(methods)
     if need_nb:
         model = train(train_ads, wd / "stimage", members=members, config=config, **common)
         from stimage_jax.pipeline import sample_features
@@ -154,10 +192,10 @@ def _fold(adatas: dict, test: str, wd: Path, methods, *, genes, backbone, member
         pred = predict(truth, model, features=f_test, progress=False)
         if "stimage" in methods:
             out["stimage"] = evaluate(pred, truth)[0]
-        if set(CONTEXT_METHODS) & set(methods):
+        if set(FEATURE_METHODS) & set(methods):
             out.update(_context_methods(model, train_ads, truth, wd, methods, common, members=members, config=config,
                                         context_k=context_k, smooth=smooth, cache=cache, progress=progress,
-                                        base_pred=pred))
+                                        base_pred=pred, global_um=global_um, global_pca=global_pca))
         if "stimage_single" in methods:
             single = build_prediction(truth, mu[:1], r[:1], model.genes, {"method": "stimage_single"})
             out["stimage_single"] = evaluate(single, truth)[0]
@@ -178,7 +216,12 @@ def _fold(adatas: dict, test: str, wd: Path, methods, *, genes, backbone, member
 
 
 def _claim_benchmark(wd: Path, settings: dict, adatas: dict, overwrite: bool) -> None:
-    """Fold results are reused only for the same settings and the same data (by content)."""
+    """Fold results are reused only for the same settings and the same data (by content).
+
+    Method-specific settings (``context_k``, ``global_um``, ...) are recorded only when
+    their methods run, so a run that adds methods with new settings to a workdir extends it
+    (settings merged) when every setting both runs name is equal: the old folds hold no
+    results of methods that use the new settings."""
     import json
     import shutil
 
@@ -191,9 +234,15 @@ def _claim_benchmark(wd: Path, settings: dict, adatas: dict, overwrite: bool) ->
             old = json.loads(req.read_text())
         except (json.JSONDecodeError, UnicodeDecodeError):
             old = None
-        if old != request:
+        compatible = (isinstance(old, dict) and old.get("data") == request["data"]
+                      and isinstance(old.get("settings"), dict)
+                      and all(old["settings"][k] == v for k, v in settings.items() if k in old["settings"]))
+        if compatible:
+            request = {"settings": {**old["settings"], **settings}, "data": request["data"]}
+        elif old != request:
             if not overwrite:
-                what = ("the data changed" if old and old.get("settings") == settings else "the settings differ")
+                what = ("the data changed" if isinstance(old, dict) and old.get("data") != request["data"]
+                        else "the settings differ")
                 raise StimageError(f"benchmark workdir {wd} holds folds of another run ({what}); "
                                    "use another --workdir or pass --overwrite")
             shutil.rmtree(wd / "folds", ignore_errors=True)
@@ -206,7 +255,8 @@ def run_loso(data, workdir: str | os.PathLike, *, methods=METHODS, genes: str = 
              backbone: str = "efficientnet_lite0", members: int = 5, config: TrainConfig = TrainConfig(),
              tile_um: float | None = None, tile_px: int = 299, seed: int = 0, min_coverage: float = 0.7,
              samples: list[str] | None = None, progress: bool = True, overwrite: bool = False,
-             context_k: int = 6, smooth: float = 0.5) -> pd.DataFrame:
+             context_k: int = 6, smooth: float = 0.5, global_um: float = 300.0, global_pca: int = 64,
+             cache_dir: str | os.PathLike | None = None) -> pd.DataFrame:
     """Run every fold (resuming finished ones) → the table of all folds and methods.
 
     Finished folds are reused only when the workdir's ``request.json`` — the settings and
@@ -217,6 +267,8 @@ def run_loso(data, workdir: str | os.PathLike, *, methods=METHODS, genes: str = 
     ``obs["sample"]``. ``samples``: hold out only these (default: each in turn). Genes
     are chosen per fold on its training samples (``genes`` as for ``stimage train``).
     Spots whose tile is under ``min_coverage`` tissue are dropped from every sample first.
+    ``cache_dir``: tiles and frozen features (default ``workdir/cache``); keyed by content,
+    so several runs (e.g. seeds) may share one.
     """
     from stimage_jax.pipeline import _load, _sample_id, split_samples
 
@@ -249,18 +301,23 @@ def run_loso(data, workdir: str | os.PathLike, *, methods=METHODS, genes: str = 
     _claim_benchmark(wd, {"genes": genes, "backbone": backbone, "members": members,
                           "train": dataclasses.asdict(config), "tile_um": tile_um, "tile_px": tile_px, "seed": seed,
                           "min_coverage": min_coverage,
-                          **({"context_k": context_k, "smooth": smooth} if set(CONTEXT_METHODS) & set(methods) else {})},
+                          **({"context_k": context_k, "smooth": smooth}
+                             if (set(CONTEXT_METHODS) | {m for m in GLOBAL_METHODS if m.endswith("_smooth")}) & set(methods)
+                             else {}),
+                          **({"global_um": global_um, "global_pca": global_pca}
+                             if set(GLOBAL_METHODS) & set(methods) else {})},
                       adatas, overwrite)
-    cache = wd / "cache"
+    cache = wd / "cache" if cache_dir is None else Path(cache_dir).absolute()
     tables = []
     for i, test in enumerate(held):
         fold_dir = wd / "folds" / test
         files = {m: fold_dir / f"{m}.csv" for m in methods}
-        if not all(f.exists() for f in files.values()):
+        todo = [m for m, f in files.items() if not f.exists()]  # finished methods of a fold are kept
+        if todo:
             log.info("fold %d/%d: holding out %s", i + 1, len(held), test)
-            got = _fold(adatas, test, fold_dir, methods, genes=genes, backbone=backbone, members=members,
+            got = _fold(adatas, test, fold_dir, todo, genes=genes, backbone=backbone, members=members,
                         config=config, tile_um=tile_um, tile_px=tile_px, seed=seed, progress=progress, cache=cache,
-                        context_k=context_k, smooth=smooth)
+                        context_k=context_k, smooth=smooth, global_um=global_um, global_pca=global_pca)
             for m, t in got.items():
                 with atomic_path(files[m]) as tmp:
                     t.to_csv(tmp, index=False)

@@ -1,4 +1,4 @@
-"""Spatial context, test-time augmentation and smoothing (issue 21): one JSON line.
+"""Spatial context, global context, test-time augmentation and smoothing (issue 21): one JSON line.
 
 Leave-one-section-out on HER2ST C2–C6 (top-50 HVGs chosen per fold on its training
 sections, 5-member NB ensembles, EfficientNet-Lite0 features, tiles under 70 % tissue
@@ -6,9 +6,15 @@ dropped) through ``stimage benchmark``'s harness, every method on identical fold
 of ``--seeds``: per method the mean PCC over folds and seeds (± SD over folds, ± SD over
 seeds), PIT coverage of the 80 % interval, the ratio to the plain ensemble; and the
 prediction time per spot of each feature path (backbone on the tile; + neighbour pooling;
-× 8 dihedral views) on C6's tiles.
+× 8 dihedral views; + the global field cut, resized and through the backbone) on C6's tiles.
+
+Global context (``*_global*`` methods) at each of ``--global-um`` (µm; the first in
+``WORKDIR/seed<s>`` with every method, each further one in ``WORKDIR/um<UM>/seed<s>`` with
+``stimage`` and the global methods, reported as ``<method>@<UM>um``). Tiles and frozen
+features are cached by content in one ``--cache`` shared by all seeds and scales.
 
 Usage: python experiments/benchmarks/context.py [--workdir runs/bench_ctx] [--seeds 0,1,2]
+           [--methods stimage,stimage_tta_smooth,stimage_global,...] [--global-um 300,500]
 """
 
 from __future__ import annotations
@@ -29,7 +35,8 @@ from data_pipelines.tiles import spot_tiles
 from export.runtime.context import context_features, neighbour_index
 from stimage_jax.features.extract import extract_features
 from stimage_jax.features.tta import tta_features
-from stimage_jax.loso import CONTEXT_METHODS, run_loso
+from stimage_jax.features.global_context import field_tiles
+from stimage_jax.loso import CONTEXT_METHODS, GLOBAL_METHODS, run_loso
 from stimage_jax.ensemble.train import TrainConfig
 
 from _common import cpu_flags, her2st_paths  # noqa: E402  (this directory is on sys.path)
@@ -40,8 +47,10 @@ METHODS = ("stimage",) + CONTEXT_METHODS
 
 
 
-def per_spot_times(workdir: Path, c6) -> dict:
-    """Seconds per spot: features of the tile, + neighbour context, with 8-view TTA."""
+def per_spot_times(workdir: Path, c6, global_ums=()) -> dict:
+    """Seconds per spot: features of the tile, + neighbour context, with 8-view TTA; and,
+    cut from the image (no tile cache) + features, the spot tile alone vs the tile and each
+    global field."""
     from stimage_jax.ensemble.model import EnsembleModel
 
     model = EnsembleModel.load(workdir / "folds" / "C6" / "stimage")
@@ -59,8 +68,45 @@ def per_spot_times(workdir: Path, c6) -> dict:
     tta_features(bb, tiles, 8, None, progress=False)
     tta = time.perf_counter() - t
     n = len(tiles)
-    return {"spots": n, "plain_s_per_spot": base / n, "ctx_s_per_spot": (base + ctx) / n,
-            "ctx_ratio": (base + ctx) / base, "tta8_s_per_spot": tta / n, "tta8_ratio": tta / base}
+    out = {"spots": n, "plain_s_per_spot": base / n, "ctx_s_per_spot": (base + ctx) / n,
+           "ctx_ratio": (base + ctx) / base, "tta8_s_per_spot": tta / n, "tta8_ratio": tta / base}
+    if global_ums:
+        px = model.config["tile_px"]
+
+        def cut_and_embed(um: float) -> float:
+            t = time.perf_counter()
+            extract_features(bb, field_tiles(c6, um, px, cache_dir=None, progress=False), progress=False)
+            return time.perf_counter() - t
+
+        own = cut_and_embed(model.config["tile_um"])
+        out["tile_cut_and_features_s_per_spot"] = own / n
+        for um in global_ums:
+            g = cut_and_embed(um)
+            out[f"global{um:g}_s_per_spot"] = (own + g) / n
+            out[f"global{um:g}_ratio"] = (own + g) / own
+    return out
+
+
+def summarise_methods(per_seed: dict, methods, suffix: str = "") -> dict:
+    """method → mean PCC over folds and seeds, SDs over folds and seeds, per fold, PIT."""
+    out, base = {}, None
+    for m in methods:
+        fold_means = np.array([[t[t["method"] == m].groupby("fold")["pcc"].mean()[s] for s in SECTIONS]
+                               for t in per_seed.values()])  # (seeds, folds)
+        pit = float(np.mean([t[t["method"] == m]["pit_coverage"].mean() for t in per_seed.values()]))
+        mean = float(fold_means.mean())
+        base = mean if m == "stimage" else base
+        out[m + suffix] = {"mean_pcc": round(mean, 4),
+                           "sd_over_folds": round(float(fold_means.mean(0).std(ddof=1)), 4),
+                           "sd_over_seeds": round(float(fold_means.mean(1).std(ddof=1)), 4) if len(per_seed) > 1
+                           else None,
+                           "per_fold": {s: round(float(v), 4) for s, v in zip(SECTIONS, fold_means.mean(0))},
+                           "per_seed": [round(float(v), 4) for v in fold_means.mean(1)],
+                           "pit_coverage_80": round(pit, 4)}
+    if base:
+        for m in methods:
+            out[m + suffix]["ratio_to_stimage"] = round(out[m + suffix]["mean_pcc"] / base, 3)
+    return out
 
 
 def main() -> None:
@@ -75,36 +121,40 @@ def main() -> None:
     ap.add_argument("--context-k", type=int, default=6)
     ap.add_argument("--smooth", type=float, default=0.5)
     ap.add_argument("--methods", default=",".join(METHODS))
+    ap.add_argument("--global-um", default="300", help="comma separated field sizes (µm) for *_global* methods")
+    ap.add_argument("--global-pca", type=int, default=64)
+    ap.add_argument("--cache", help="tiles and features, shared by seeds and scales (default WORKDIR/cache)")
+    ap.add_argument("--skip-timing", action="store_true")
     args = ap.parse_args()
     wd = Path(args.workdir)
     paths = ({s: Path(args.data) / f"{s}.h5ad" for s in SECTIONS} if args.data
              else her2st_paths(args.shared, wd, SECTIONS))
     methods = args.methods.split(",")
     seeds = [int(s) for s in args.seeds.split(",")]
-    per_seed = {}
-    for seed in seeds:
-        t = run_loso([paths[s] for s in SECTIONS], wd / f"seed{seed}", methods=methods, genes=args.genes,
-                     members=args.members, config=TrainConfig(), seed=seed, progress=False,
-                     context_k=args.context_k, smooth=args.smooth)
-        per_seed[seed] = t
+    ums = [float(u) for u in args.global_um.split(",")]
+    cache = Path(args.cache) if args.cache else wd / "cache"
+    glob_methods = [m for m in methods if m in GLOBAL_METHODS]
     out = {"benchmark": "context", "backend": jax.default_backend(), "cpu_flags": cpu_flags(), "genes": args.genes,
-           "members": args.members, "seeds": seeds, "context_k": args.context_k, "smooth": args.smooth, "methods": {}}
-    base = None
-    for m in methods:
-        fold_means = np.array([[t[t["method"] == m].groupby("fold")["pcc"].mean()[s] for s in SECTIONS]
-                               for t in per_seed.values()])  # (seeds, folds)
-        pit = float(np.mean([t[t["method"] == m]["pit_coverage"].mean() for t in per_seed.values()]))
-        mean = float(fold_means.mean())
-        base = mean if m == "stimage" else base
-        out["methods"][m] = {"mean_pcc": round(mean, 4),
-                             "sd_over_folds": round(float(fold_means.mean(0).std(ddof=1)), 4),
-                             "sd_over_seeds": round(float(fold_means.mean(1).std(ddof=1)), 4) if len(seeds) > 1 else None,
-                             "per_fold": {s: round(float(v), 4) for s, v in zip(SECTIONS, fold_means.mean(0))},
-                             "pit_coverage_80": round(pit, 4)}
-    if base:
-        for m in methods:
-            out["methods"][m]["ratio_to_stimage"] = round(out["methods"][m]["mean_pcc"] / base, 3)
-    out["prediction_time"] = per_spot_times(wd / f"seed{seeds[0]}", read_h5ad(paths["C6"]))
+           "members": args.members, "seeds": seeds, "context_k": args.context_k, "smooth": args.smooth,
+           "global_um": ums, "global_pca": args.global_pca, "methods": {}}
+    for i, um in enumerate(ums):
+        ms = methods if i == 0 else ["stimage", *glob_methods]
+        if i and not glob_methods:
+            break
+        per_seed = {}
+        for seed in seeds:
+            run_wd = wd / f"seed{seed}" if i == 0 else wd / f"um{um:g}" / f"seed{seed}"
+            per_seed[seed] = run_loso([paths[s] for s in SECTIONS], run_wd, methods=ms, genes=args.genes,
+                                      members=args.members, config=TrainConfig(), seed=seed, progress=False,
+                                      context_k=args.context_k, smooth=args.smooth, global_um=um,
+                                      global_pca=args.global_pca, cache_dir=cache)
+        out["methods"].update(summarise_methods(per_seed, ms if i == 0 else glob_methods + ["stimage"],
+                                                "" if i == 0 else f"@{um:g}um"))
+        if i:
+            out["methods"].pop(f"stimage@{um:g}um")  # the same base ensemble as the first scale's
+    if not args.skip_timing:
+        out["prediction_time"] = per_spot_times(wd / f"seed{seeds[0]}", read_h5ad(paths["C6"]),
+                                                ums if glob_methods else ())
     print(json.dumps(out))
 
 

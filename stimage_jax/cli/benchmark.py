@@ -32,6 +32,12 @@ def add_parser(sub, parents) -> None:
                    help="*_ctx / *_smooth methods: neighbours of a spot (nearest spots of its sample)")
     b.add_argument("--smooth", type=unit_fraction, default=0.5,
                    help="*_smooth methods: weight of the neighbours' mean in each member's NB mean")
+    b.add_argument("--global-um", type=positive_float, default=300.0,
+                   help="*_global* methods: side in µm of the field around each spot (resized to the backbone's "
+                        "input: a lower-magnification view)")
+    b.add_argument("--global-pca", type=positive_int, default=64,
+                   help="*_global_pca* methods: principal components of the field's features (fitted per fold on "
+                        "its training samples)")
     b.add_argument("--samples", help="hold out only these samples (default: each in turn)")
     b.add_argument("--workdir", required=True)
     b.add_argument("--genes", default="top-hvg:50", help="chosen per fold on its training samples")
@@ -63,7 +69,7 @@ def run(a) -> None:
                      members=a.members, config=TrainConfig(lr=a.lr, max_epochs=a.max_epochs, patience=a.patience),
                      tile_um=a.tile_um, tile_px=a.tile_px, seed=a.seed, min_coverage=a.min_coverage,
                      samples=csv(a.samples) or None, progress=not quiet(a), overwrite=a.overwrite,
-                     context_k=a.context_k, smooth=a.smooth)
+                     context_k=a.context_k, smooth=a.smooth, global_um=a.global_um, global_pca=a.global_pca)
     for m, t in table.groupby("method", sort=False):
         s = summarise(t)
         print(f"{m}: mean PCC {s['mean_pcc']:.3f} over {t['fold'].nunique()} held-out sample(s), "

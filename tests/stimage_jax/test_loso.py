@@ -121,3 +121,34 @@ def test_loso_folder_of_h5ad_and_zarr(synthetic_study, tmp_path, capsys):
     assert run("benchmark", "--data", folder, "--workdir", tmp_path / "w", *BENCH, "--methods", "ridge") == 0
     table = pd.read_csv(tmp_path / "w" / "metrics.csv")
     assert set(table["fold"]) == {"s0", "s1", "s2"}
+
+
+def test_loso_global_context_methods_and_workdir_extension(synthetic_study, tmp_path, capsys):
+    """Global-context methods run on the same folds; their head sees [own, PCA of the field]
+    fitted on the training samples only; a run adding methods with new settings extends the
+    workdir (old folds reused), one changing a setting is refused."""
+    import json
+
+    from stimage_jax.ensemble.model import EnsembleModel
+
+    wd = tmp_path / "bench"
+    common = [*BENCH, "--samples", "s2", "--members", "1"]
+    assert run("benchmark", "--data", *synthetic_study, "--workdir", wd, *common, "--methods", "stimage") == 0
+    before = (wd / "folds" / "s2" / "stimage.csv").stat().st_mtime_ns
+    methods = "stimage,stimage_global_pca_smooth"
+    assert run("benchmark", "--data", *synthetic_study, "--workdir", wd, *common, "--methods", methods,
+               "--global-um", "80", "--global-pca", "3") == 0
+    assert (wd / "folds" / "s2" / "stimage.csv").stat().st_mtime_ns == before  # extended, not redone
+    settings = json.loads((wd / "request.json").read_text())["settings"]
+    assert settings["global_um"] == 80.0 and settings["global_pca"] == 3 and settings["smooth"] == 0.5
+    table = pd.read_csv(wd / "metrics.csv")
+    assert list(dict.fromkeys(table["method"])) == methods.split(",")
+    ab = table[table["gene"].isin(["A", "B"])]
+    assert (ab.groupby("method")["pcc"].mean() > 0.5).all(), ab.groupby("method")["pcc"].mean()
+    base = EnsembleModel.load(wd / "folds" / "s2" / "stimage" / "model")
+    pca = EnsembleModel.load(wd / "folds" / "s2" / "stimage_global_pca" / "model")
+    assert pca.sources[0]["num_features"] == base.backbones[base.sources[0]["name"]].num_features + 3
+    capsys.readouterr()
+    assert run("benchmark", "--data", *synthetic_study, "--workdir", wd, *common, "--methods", methods,
+               "--global-um", "120", "--global-pca", "3") == 2
+    assert "settings differ" in capsys.readouterr().err
