@@ -7,8 +7,8 @@ Two loaders over the dataset's random-access ArrayRecord files (the same records
   by process (each of N JAX processes reads every N-th record of the global order),
   shuffled per epoch by a seed, batches that run across epochs. General purpose.
 - :func:`epoch_loader` — the loader fine-tuning uses (``stimage train --dataset``): an
-  :class:`EpochSampler` draws member ``m``'s order of epoch ``e`` exactly as the in-RAM
-  training loop does (``permutation(fold_in(key_m, e), n)``), cut into fixed-size batches
+  :class:`EpochSampler` draws member ``m``'s order of epoch ``e`` from a given order function
+  (the trainer passes the in-RAM loop's ``permutation(fold_in(key_m, e), n)``), cut into fixed-size batches
   that never cross an epoch (the last one padded with copies of its first record, weight
   0), so a model trained from the dataset equals one trained from the same arrays.
 
@@ -20,8 +20,9 @@ with ``ReadOptions`` threads (default) or ``worker_count`` processes, batch in t
 dataset by its content digest (not its path), so a moved dataset still resumes. Memory
 holds the prefetch buffer whatever the dataset's size.
 
-grain imports JAX, so grain (and JAX, for :class:`EpochSampler`'s permutations) is imported
-lazily: the JAX-free runtime can import this module (and never calls it).
+grain imports JAX, so grain is imported lazily and no JAX code is named here (the JAX
+permutation comes from the caller): the JAX-free runtime can import this module (and never
+calls it).
 """
 
 from __future__ import annotations
@@ -36,7 +37,7 @@ import numpy as np
 
 from data_pipelines.errors import StimageError
 
-__all__ = ["spot_loader", "epoch_loader", "SpotRecords", "ParseSpots", "EpochSampler", "FIELDS",
+__all__ = ["spot_loader", "epoch_loader", "SpotRecords", "ParseSpots", "EpochSampler", "EpochBatches", "FIELDS",
            "DEFAULT_READ_THREADS", "DEFAULT_PREFETCH"]
 
 FIELDS = ("tile", "counts")
@@ -160,26 +161,27 @@ class ParseSpots:
 class EpochSampler:
     """A grain sampler of ``num_epochs`` epochs of ``records`` in fixed-size batches.
 
-    Epoch ``e``'s order is ``jax.random.permutation(fold_in(key, e), n)`` (``key`` a typed
-    PRNG key's data, or an int seed for ``jax.random.key``; ``shuffle=False``: input order),
-    cut into batches of ``batch_size`` whose records are sorted (sequential reads, as the
-    in-RAM loop's batches), the last batch padded with copies of its first record (keys
-    ``+ N``, weight 0). Global index ``i`` is epoch ``i // L``, position ``i % L`` with
-    ``L = ceil(n / batch_size) * batch_size``. ``repr`` (checked by grain on restore) holds
-    everything that fixes the order.
+    Epoch ``e``'s order of the ``n`` records is ``order(e, n)`` (a picklable callable with a
+    ``repr`` that names it, e.g. the trainer's per-member JAX permutation
+    :class:`stimage_jax.ensemble.dataset_train.MemberOrder`), else a NumPy permutation seeded
+    by ``(seed, e)``, or input order with ``shuffle=False``; it is cut into batches of
+    ``batch_size`` whose records are sorted (sequential reads, as the in-RAM loop's batches),
+    the last batch padded with copies of its first record (keys ``+ N``, weight 0). Global
+    index ``i`` is epoch ``i // L``, position ``i % L`` with ``L = ceil(n / batch_size) *
+    batch_size``. ``repr`` (checked by grain on restore) holds everything that fixes the order.
     """
 
     def __init__(self, records: np.ndarray, num_records: int, *, batch_size: int, num_epochs: int,
-                 key=None, shuffle: bool = True):
+                 order=None, seed: int | None = None, shuffle: bool = True):
         self.records = np.asarray(records, np.int64)
         self.n, self.num_records = len(self.records), int(num_records)
         self.batch_size, self.num_epochs, self.shuffle = int(batch_size), int(num_epochs), bool(shuffle)
         if self.n == 0:
             raise StimageError("no records to read")
         self.length = -(-self.n // self.batch_size) * self.batch_size  # per epoch, padded
-        self.key_data = None if key is None else np.asarray(_key_data(key), np.uint32)
-        if self.shuffle and self.key_data is None:
-            raise ValueError("shuffling needs a key")
+        self.order, self.seed = order, None if seed is None else int(seed)
+        if self.shuffle and order is None and seed is None:
+            raise ValueError("shuffling needs an order or a seed")
         self._cache: dict[int, np.ndarray] = {}
 
     def __getstate__(self):
@@ -191,14 +193,13 @@ class EpochSampler:
     def epoch_keys(self, epoch: int) -> np.ndarray:
         """The record keys of one epoch, (L,), padding keys ``>= N`` included."""
         if epoch not in self._cache:
-            if self.shuffle:
-                import jax
-
-                k = jax.random.wrap_key_data(self.key_data)
-                order = np.asarray(jax.random.permutation(jax.random.fold_in(k, epoch), self.n))
+            if not self.shuffle:
+                perm = np.arange(self.n)
+            elif self.order is not None:
+                perm = np.asarray(self.order(epoch, self.n))
             else:
-                order = np.arange(self.n)
-            keys = self.records[order]
+                perm = np.random.default_rng([self.seed, epoch]).permutation(self.n)
+            keys = self.records[perm]
             chunks = [np.sort(keys[s:s + self.batch_size]) for s in range(0, self.n, self.batch_size)]
             pad = self.length - self.n
             if pad:
@@ -216,19 +217,41 @@ class EpochSampler:
 
     def __repr__(self) -> str:
         rec = hashlib.sha1(self.records.tobytes()).hexdigest()[:16]
-        key = None if self.key_data is None else self.key_data.tolist()
+        how = repr(self.order) if self.order is not None else f"seed={self.seed}"
         return (f"EpochSampler(records={rec}, n={self.n}, batch_size={self.batch_size}, "
-                f"num_epochs={self.num_epochs}, shuffle={self.shuffle}, key={key})")
+                f"num_epochs={self.num_epochs}, shuffle={self.shuffle}, {how})")
 
 
-def _key_data(key):
-    import jax
+class EpochBatches:
+    """Random-access *batches* of :class:`EpochSampler`'s order: item ``i`` is batch ``i % P`` of
+    epoch ``i // P`` (``P`` batches per epoch) as ``{field: (B, ...), "record": (B,), "weight": (B,)}``.
 
-    if isinstance(key, (int, np.integer)):
-        key = jax.random.key(int(key))
-    if hasattr(key, "dtype") and jax.dtypes.issubdtype(key.dtype, jax.dtypes.prng_key):
-        return np.asarray(jax.random.key_data(key))
-    return np.asarray(key)
+    Why batches, not records: grain's per-record path (sampler, source, map, batch, each a
+    Python call per record) costs ~5x the read and parse themselves on this machine; a batch
+    is one tight read-and-parse loop, so grain's per-element work is paid once per batch. A grain
+    ``DataLoader`` still samples, shards (whole batches per process), prefetches and
+    checkpoints these items.
+    """
+
+    def __init__(self, directory: str | os.PathLike, sampler: EpochSampler, fields: Sequence[str]):
+        self.records = SpotRecords(directory)
+        self.sampler = sampler
+        self.parse = ParseSpots(directory, fields, self.records.num_records)
+        self.per_epoch = sampler.length // sampler.batch_size
+
+    def __len__(self) -> int:
+        return self.sampler.num_epochs * self.per_epoch
+
+    def __getitem__(self, i: int) -> dict:
+        epoch, b = divmod(int(i), self.per_epoch)
+        bs = self.sampler.batch_size
+        keys = self.sampler.epoch_keys(epoch)[b * bs:(b + 1) * bs]
+        rows = [self.parse.map(self.records[k]) for k in keys]  # array_record's __getitems__ starts threads per call: slower
+        return {k: np.stack([r[k] for r in rows]) if isinstance(rows[0][k], np.ndarray | np.generic)
+                else [r[k] for r in rows] for k in rows[0]}
+
+    def __repr__(self) -> str:
+        return f"EpochBatches({self.records!r}, {self.sampler!r}, fields={sorted(self.parse.specs)})"
 
 
 def _read_options(read_threads: int | None, prefetch: int | None):
@@ -247,23 +270,32 @@ def _mark_flags(worker_count: int) -> None:
 
 
 def epoch_loader(directory: str | os.PathLike, records: Sequence[int], *, batch_size: int, num_epochs: int,
-                 key=None, shuffle: bool = True, fields: Sequence[str] = FIELDS, worker_count: int = 0,
-                 read_threads: int | None = None, prefetch: int | None = None):
+                 order=None, seed: int | None = None, shuffle: bool = True, fields: Sequence[str] = FIELDS, worker_count: int = 0,
+                 read_threads: int | None = None, prefetch: int | None = None, per_record: bool = False):
     """A grain DataLoader of epoch-aligned batches ``{field: (B, ...), "record": (B,), "weight": (B,)}``
     of ``records`` (see :class:`EpochSampler`); ``ceil(len(records) / batch_size)`` batches per epoch.
 
     One process reads every record (the in-RAM loop's batches, exactly); prefetch runs in
-    ``read_threads`` threads or ``worker_count`` processes.
+    ``read_threads`` threads or ``worker_count`` processes (``prefetch``: items read ahead).
+    Items are whole batches read at once (:class:`EpochBatches`); ``per_record`` reads
+    record by record and batches with ``grain.Batch`` instead (same batches, slower).
     """
     import grain.python as grain
 
     src = SpotRecords(directory)
-    sampler = EpochSampler(records, src.num_records, batch_size=batch_size, num_epochs=num_epochs, key=key,
-                           shuffle=shuffle)
+    sampler = EpochSampler(records, src.num_records, batch_size=batch_size, num_epochs=num_epochs, order=order,
+                           seed=seed, shuffle=shuffle)
     _mark_flags(worker_count)
-    return grain.DataLoader(data_source=src, sampler=sampler, worker_count=worker_count,
-                            shard_options=grain.NoSharding(), read_options=_read_options(read_threads, prefetch),
-                            operations=[_Parse(directory, fields, src.num_records), grain.Batch(batch_size)])
+    if per_record:
+        return grain.DataLoader(data_source=src, sampler=sampler, worker_count=worker_count,
+                                shard_options=grain.NoSharding(), read_options=_read_options(read_threads, prefetch),
+                                operations=[_Parse(directory, fields, src.num_records), grain.Batch(batch_size)])
+    batches = EpochBatches(directory, sampler, fields)
+    ahead = DEFAULT_PREFETCH // batch_size + 1 if prefetch is None else max(1, int(prefetch) // batch_size)
+    return grain.DataLoader(data_source=batches, worker_count=worker_count, shard_options=grain.NoSharding(),
+                            sampler=grain.IndexSampler(len(batches), shard_options=grain.NoSharding(),
+                                                       shuffle=False, num_epochs=1),
+                            read_options=_read_options(read_threads, ahead))
 
 
 def spot_loader(directory: str | os.PathLike, *, batch_size: int, seed: int, num_epochs: int | None = 1,

@@ -62,7 +62,7 @@ from stimage_jax.training import (
     split_members,
 )
 
-__all__ = ["DatasetTiles", "train_from_dataset", "fit_streamed", "StreamOptions"]
+__all__ = ["DatasetTiles", "MemberOrder", "StreamOptions", "fit_streamed", "train_from_dataset"]
 
 STREAM_CHECKPOINTS = "streamed"  # ckpt_dir/<this>: counted in optimiser steps (fit_ensemble's are epochs)
 
@@ -80,6 +80,23 @@ class StreamOptions:
                  prefetch: int | None = None):
         self.checkpoint_steps, self.read_threads = int(checkpoint_steps), read_threads
         self.worker_count, self.prefetch = int(worker_count), prefetch
+
+
+class MemberOrder:
+    """Member ``key``'s order of epoch ``e`` over ``n`` spots, ``permutation(fold_in(key, e), n)``
+    — the order :func:`~stimage_jax.ensemble.stacked.fit_ensemble` draws for in-RAM tiles — as
+    the picklable order function of :class:`data_pipelines.grain_source.EpochSampler` (its
+    ``repr``, the key's data, ties a saved iterator state to it)."""
+
+    def __init__(self, key: jax.Array):
+        self.key_data = np.asarray(jax.random.key_data(key), np.uint32)
+
+    def __call__(self, epoch: int, n: int) -> np.ndarray:
+        key = jax.random.fold_in(jax.random.wrap_key_data(self.key_data), epoch)
+        return np.asarray(jax.random.permutation(key, n))
+
+    def __repr__(self) -> str:
+        return f"MemberOrder({self.key_data.tolist()})"
 
 
 class DatasetTiles:
@@ -166,7 +183,8 @@ def fit_streamed(members: nnx.Module, directory: str | os.PathLike, train_record
             "done": np.zeros(n_mem, bool)}
     histories: list[list[dict]] = [[] for _ in range(n_mem)]
     iter_states = None
-    loaders = [epoch_loader(directory, train_records, batch_size=bs, num_epochs=config.max_epochs, key=keys[m],
+    loaders = [epoch_loader(directory, train_records, batch_size=bs, num_epochs=config.max_epochs,
+                            order=MemberOrder(keys[m]),
                             fields=("tile", "counts"), worker_count=opt.worker_count, read_threads=opt.read_threads,
                             prefetch=opt.prefetch) for m in range(n_mem)]
     with contextlib.ExitStack() as stack:

@@ -16,6 +16,7 @@ from data_pipelines.errors import StimageError
 from data_pipelines.grain_source import EpochSampler, ParseSpots, SpotRecords, epoch_loader
 from data_pipelines.tfds_dataset import open_source
 from stimage_jax.cli import main
+from stimage_jax.ensemble.dataset_train import MemberOrder
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
 
@@ -52,7 +53,8 @@ def test_records_parse_as_tfds_decodes_them(exported):
 def test_epoch_batches_follow_each_members_key_and_pad(exported):
     train = np.arange(3, 103)  # 100 records: batches of 16 → 6 full + 4 real and 12 padding
     key = jax.random.key(7)
-    batches = list(epoch_loader(exported, train, batch_size=16, num_epochs=2, key=key, fields=("counts",)))
+    batches = list(epoch_loader(exported, train, batch_size=16, num_epochs=2, order=MemberOrder(key),
+                                fields=("counts",)))
     assert len(batches) == 14 and all(b["record"].shape == (16,) for b in batches)
     counts = np.stack([open_source(exported)[int(k)]["counts"] for k in range(128)])
     for e in range(2):
@@ -64,21 +66,28 @@ def test_epoch_batches_follow_each_members_key_and_pad(exported):
             np.testing.assert_array_equal(b["counts"], counts[b["record"]])
         last = epoch[-1]
         assert last["weight"].tolist() == [1.0] * 4 + [0.0] * 12 and set(last["record"][4:]) == {last["record"][0]}
-    other = list(epoch_loader(exported, train, batch_size=16, num_epochs=1, key=jax.random.key(8), fields=("counts",)))
+    other = list(epoch_loader(exported, train, batch_size=16, num_epochs=1, order=MemberOrder(jax.random.key(8)),
+                              fields=("counts",)))
     assert not np.array_equal(other[0]["record"], batches[0]["record"])
+    # without an order function: a NumPy permutation per (seed, epoch), every record once per epoch
+    seeded = list(epoch_loader(exported, train, batch_size=16, num_epochs=2, seed=5, fields=("counts",)))
+    for e in range(2):
+        got = np.concatenate([b["record"][b["weight"] > 0] for b in seeded[7 * e:7 * e + 7]])
+        assert sorted(got.tolist()) == train.tolist()
+    assert not np.array_equal(seeded[0]["record"], seeded[7]["record"])
     # in input order (validation): sequential, one epoch
     seq = list(epoch_loader(exported, np.arange(64, 128), batch_size=32, num_epochs=1, shuffle=False,
                             fields=("counts",)))
     assert np.concatenate([b["record"] for b in seq]).tolist() == list(range(64, 128))
     with pytest.raises(StimageError):
-        EpochSampler([], 128, batch_size=4, num_epochs=1, key=key)
+        EpochSampler([], 128, batch_size=4, num_epochs=1, seed=0)
 
 
 def test_restored_iterator_continues_mid_epoch(exported):
     train, key = np.arange(0, 96), jax.random.key(3)
 
     def loader(k=key):
-        return epoch_loader(exported, train, batch_size=16, num_epochs=3, key=k, fields=("counts",))
+        return epoch_loader(exported, train, batch_size=16, num_epochs=3, order=MemberOrder(k), fields=("counts",))
 
     it = iter(loader())
     first = [next(it)["record"] for _ in range(8)]  # epoch 0 (6 batches) and 2 of epoch 1
@@ -94,12 +103,14 @@ def test_restored_iterator_continues_mid_epoch(exported):
         iter(loader(jax.random.key(4))).set_state(state)
 
 
-def test_worker_processes_give_the_thread_batches(exported):
+def test_worker_processes_and_record_reads_give_the_thread_batches(exported):
     train = np.arange(0, 128)
-    kw = dict(batch_size=32, num_epochs=1, key=jax.random.key(1), fields=("tile", "counts"))
+    kw = dict(batch_size=32, num_epochs=1, order=MemberOrder(jax.random.key(1)), fields=("tile", "counts"))
     threads = list(epoch_loader(exported, train, read_threads=2, **kw))
     procs = list(epoch_loader(exported, train, worker_count=1, **kw))
-    assert len(threads) == len(procs) == 4
-    for a, b in zip(threads, procs):
+    records = list(epoch_loader(exported, train, read_threads=0, per_record=True, **kw))  # grain.Batch
+    assert len(threads) == len(procs) == len(records) == 4
+    for a, b, c in zip(threads, procs, records):
         for f in ("record", "tile", "counts", "weight"):
             np.testing.assert_array_equal(a[f], b[f])
+            np.testing.assert_array_equal(a[f], c[f])
