@@ -18,6 +18,7 @@ on a lazy :class:`DatasetTiles` view (epoch-level resume) — see the module not
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import datetime as _dt
 import json
 import math
@@ -67,19 +68,21 @@ __all__ = ["DatasetTiles", "MemberOrder", "StreamOptions", "fit_streamed", "trai
 STREAM_CHECKPOINTS = "streamed"  # ckpt_dir/<this>: counted in optimiser steps (fit_ensemble's are epochs)
 
 
+@dataclasses.dataclass(frozen=True)
 class StreamOptions:
-    """How :func:`fit_streamed` reads and checkpoints (plain defaults; no CLI flags yet).
+    """How :func:`fit_streamed` reads and checkpoints — not what it trains, so not part of the
+    run's request (changing them never blocks a resume).
 
     checkpoint_steps: optimiser steps (batches) between mid-epoch checkpoints, 0 = epoch
     ends only. read_threads / worker_count: grain prefetch in threads of this process
-    (default; measured faster on 2 cores) or in worker processes. prefetch: records read
-    ahead per member.
+    (None: grain_source.DEFAULT_READ_THREADS) or in worker processes (slower here: each
+    loader starts its processes, which import JAX). prefetch: records read ahead per member.
     """
 
-    def __init__(self, checkpoint_steps: int = 200, read_threads: int | None = None, worker_count: int = 0,
-                 prefetch: int | None = None):
-        self.checkpoint_steps, self.read_threads = int(checkpoint_steps), read_threads
-        self.worker_count, self.prefetch = int(worker_count), prefetch
+    checkpoint_steps: int = 200
+    read_threads: int | None = None
+    worker_count: int = 0
+    prefetch: int | None = None
 
 
 class MemberOrder:
