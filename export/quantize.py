@@ -198,14 +198,98 @@ class _TileReader:
         return {self._input: batch}
 
 
+def fold_input_scaling(proto) -> bool:
+    """Fold the input scaling ``Cast → Div(c) → Sub(d)`` into the first convolution, in place:
+    ``Cast → [Pad((v + d)·c)] → [Transpose] → Conv(W / c, B − d·ΣW)``, exact (the padding
+    value moves into the raw 0..255 scale with it). Returns whether the pattern was found.
+
+    Why: in an int8 graph the scaling is fp32 element-wise work on the largest tensor (the
+    input batch) plus a QuantizeLinear of it, ~8 % of EfficientNet-Lite0's int8 time at
+    299² (profile in experiments/benchmarks/lite0_quant.py); folded, the first convolution's
+    input range is the raw 0..255, so its uint8 quantisation is exact."""
+    from onnx import numpy_helper
+
+    g = proto.graph
+    init = {t.name: t for t in g.initializer}
+    consumers: dict[str, list] = {}
+    for n in g.node:
+        for i in n.input:
+            consumers.setdefault(i, []).append(n)
+
+    def only(name):
+        c = consumers.get(name, [])
+        return c[0] if len(c) == 1 else None
+
+    def scalar(name):
+        if name not in init:
+            return None
+        a = numpy_helper.to_array(init[name])
+        return float(a.ravel()[0]) if a.size == 1 else None
+
+    cast = only(g.input[0].name)
+    div = only(cast.output[0]) if cast is not None and cast.op_type == "Cast" else None
+    sub = only(div.output[0]) if div is not None and div.op_type == "Div" else None
+    if sub is None or sub.op_type != "Sub" or div.input[0] != cast.output[0] or sub.input[0] != div.output[0]:
+        return False
+    c, d = scalar(div.input[1]), scalar(sub.input[1])
+    if c is None or d is None or c == 0:
+        return False
+    chain, n = [], only(sub.output[0])
+    while n is not None and n.op_type in ("Pad", "Transpose") and n.input[0] == (chain[-1].output[0] if chain else
+                                                                                    sub.output[0]):
+        chain.append(n)
+        n = only(n.output[0])
+    if n is None or n.op_type != "Conv" or len(n.input) < 2 or n.input[1] not in init:
+        return False
+    pads = [p for p in chain if p.op_type == "Pad"]
+    if any(p.input[2:3] and scalar(p.input[2]) is None for p in pads) or any(
+            a.name == "mode" and a.s not in (b"constant", b"") for p in pads for a in p.attribute):
+        return False
+    w = numpy_helper.to_array(init[n.input[1]]).astype(np.float64)
+    b = numpy_helper.to_array(init[n.input[2]]).astype(np.float64) if len(n.input) > 2 and n.input[2] in init \
+        else np.zeros(w.shape[0])
+    if len(n.input) > 2 and n.input[2] not in init:
+        return False
+    # a Conv that does not pad itself: implicit zero padding would not move with the scale
+    if any(a.name == "pads" and any(a.ints) for a in n.attribute) or any(
+            a.name == "auto_pad" and a.s not in (b"NOTSET", b"VALID", b"") for a in n.attribute):
+        return False
+    for p in pads:
+        v = scalar(p.input[2]) if len(p.input) > 2 and p.input[2] else 0.0
+        name = f"{p.name}_raw_pad_value"
+        g.initializer.append(numpy_helper.from_array(np.array((v + d) * c, np.float32), name))
+        while len(p.input) < 3:
+            p.input.append("")
+        p.input[2] = name
+    wn, bn = f"{n.name}_raw_W", f"{n.name}_raw_B"
+    g.initializer.append(numpy_helper.from_array((w / c).astype(np.float32), wn))
+    g.initializer.append(numpy_helper.from_array((b - d * w.reshape(len(w), -1).sum(1)).astype(np.float32), bn))
+    n.input[1] = wn
+    if len(n.input) > 2:
+        n.input[2] = bn
+    else:
+        n.input.append(bn)
+    (chain[0] if chain else n).input[0] = cast.output[0]
+    g.node.remove(div)
+    g.node.remove(sub)
+    used = {i for m in g.node for i in m.input}
+    for t in [t for t in g.initializer if t.name not in used]:  # the replaced constants (onnxruntime warns)
+        g.initializer.remove(t)
+    return True
+
+
 def quantize_qdq(proto, reader, *, op_types: tuple[str, ...] = QUANTIZED_OPS, exclude=None,
-                 per_channel: bool = True, method: str = "minmax", options: dict | None = None):
+                 per_channel: bool = True, method: str = "minmax", options: dict | None = None,
+                 fold_input: bool = True, reduce_range: bool = False, qoperator: bool = False):
     """The static QDQ step every quantised export shares: fp32 ModelProto + a calibration
     reader (onnxruntime's ``CalibrationDataReader`` protocol, e.g. :class:`_TileReader`) →
     the int8 ModelProto (metadata untouched). The graph is pre-processed first (batch norms
     folded, shapes inferred); ``exclude`` is a list of node names or a function of the
     pre-processed ModelProto returning one (node names exist only after pre-processing);
-    ``options`` are extra ``quantize_static`` options on top of the defaults."""
+    ``options`` are extra ``quantize_static`` options on top of the defaults; ``fold_input``
+    folds the input scaling into the first convolution (:func:`fold_input_scaling`);
+    ``reduce_range`` (7-bit weights) and ``qoperator`` (QLinear* nodes instead of QDQ pairs)
+    exist for the speed study (experiments/benchmarks/lite0_quant.py), not the exporters."""
     import onnx
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
     from onnxruntime.quantization.shape_inference import quant_pre_process
@@ -219,11 +303,15 @@ def quantize_qdq(proto, reader, *, op_types: tuple[str, ...] = QUANTIZED_OPS, ex
         onnx.save_model(proto, src)
         # folds batch norms into the convolutions (per-channel weights are then the real ones)
         quant_pre_process(str(src), str(pre), skip_symbolic_shape=True)
-        names = exclude(onnx.load(str(pre))) if callable(exclude) else list(exclude or [])
+        pre_proto = onnx.load(str(pre))
+        if fold_input and fold_input_scaling(pre_proto):
+            onnx.save_model(pre_proto, pre)
+        names = exclude(pre_proto) if callable(exclude) else list(exclude or [])
         extra = {"WeightSymmetric": True, "ActivationSymmetric": False}
         if method == "minmax":
             extra["CalibStridedMinMax"] = 1  # ranges merged batch by batch: memory stays one batch of activations
-        quantize_static(str(pre), str(out), reader, quant_format=QuantFormat.QDQ, op_types_to_quantize=list(op_types),
+        quantize_static(str(pre), str(out), reader, quant_format=QuantFormat.QOperator if qoperator else QuantFormat.QDQ,
+                        op_types_to_quantize=list(op_types), reduce_range=reduce_range,
                         per_channel=per_channel, activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
                         calibrate_method=methods[method], nodes_to_exclude=names, extra_options={**extra, **(options or {})})
         return onnx.load(str(out))

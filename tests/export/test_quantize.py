@@ -206,3 +206,47 @@ def test_int8_on_her2st_tiles(her2st_root, tmp_path):
 # single means by ~10-15 % (median, 2 members on one section) while the ranking across spots, what PCC
 # and the gate read, holds (r > 0.9).
 PX, R_MIN, REL_MAX = 160, 0.9, 0.25
+
+
+def test_fold_input_scaling_is_exact_and_removes_the_scaling():
+    """Cast → Div(c) → Sub(d) → Pad(0) → Transpose → Conv(W, B) becomes Cast → Pad → Transpose →
+    Conv(W/c, B − d·ΣW) with the pad value moved to the raw scale: same outputs, border included."""
+    import onnxruntime as ort
+    from onnx import TensorProto, helper, numpy_helper
+
+    from export.quantize import fold_input_scaling
+
+    rng = np.random.default_rng(0)
+    w = rng.normal(size=(4, 3, 3, 3)).astype(np.float32)
+    b = rng.normal(size=4).astype(np.float32)
+    inits = [numpy_helper.from_array(np.array([127.5], np.float32), "c"),
+             numpy_helper.from_array(np.array([1.0], np.float32), "d"),
+             numpy_helper.from_array(np.array([0, 1, 1, 0, 0, 1, 1, 0], np.int64), "pads"),
+             numpy_helper.from_array(np.array(0.0, np.float32), "zero"),
+             numpy_helper.from_array(w, "W"), numpy_helper.from_array(b, "B")]
+    nodes = [helper.make_node("Cast", ["tiles"], ["f"], to=TensorProto.FLOAT),
+             helper.make_node("Div", ["f", "c"], ["s"]), helper.make_node("Sub", ["s", "d"], ["x"]),
+             helper.make_node("Pad", ["x", "pads", "zero"], ["p"]),
+             helper.make_node("Transpose", ["p"], ["t"], perm=[0, 3, 1, 2]),
+             helper.make_node("Conv", ["t", "W", "B"], ["y"], strides=[2, 2])]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("tiles", TensorProto.UINT8, ["N", 9, 9, 3])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 4, 5, 5])], inits)
+    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    x = rng.integers(0, 256, (2, 9, 9, 3), dtype=np.uint8)
+
+    def run(p):
+        return ort.InferenceSession(p.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"tiles": x})[0]
+
+    ref = run(proto)
+    folded = onnx.ModelProto()
+    folded.CopyFrom(proto)
+    assert fold_input_scaling(folded)
+    onnx.checker.check_model(folded)
+    assert [n.op_type for n in folded.graph.node] == ["Cast", "Pad", "Transpose", "Conv"]
+    assert {"c", "d", "W", "B"}.isdisjoint(t.name for t in folded.graph.initializer)
+    np.testing.assert_allclose(run(folded), ref, rtol=1e-5, atol=1e-4)
+    # anything else (here: a Mul instead of Div) is left alone
+    other = onnx.ModelProto()
+    other.CopyFrom(proto)
+    other.graph.node[1].op_type = "Mul"
+    assert not fold_input_scaling(other) and len(other.graph.node) == 6
