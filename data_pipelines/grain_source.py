@@ -41,9 +41,10 @@ __all__ = ["spot_loader", "epoch_loader", "SpotRecords", "ParseSpots", "EpochSam
            "DEFAULT_READ_THREADS", "DEFAULT_PREFETCH"]
 
 FIELDS = ("tile", "counts")
-# Measured on 2 cores (experiments/benchmarks/dataset_throughput.py): a few reader threads keep
-# up with a fine-tuning step; more only contend for the GIL with the training loop.
-DEFAULT_READ_THREADS = 2
+# One reader thread: it reads the next batches while the step runs (on an accelerator the host is
+# free, so the read is hidden). On 2 shared CPU cores 0, 1 and 2 threads measured alike within the
+# noise (experiments/benchmarks/dataset_throughput.py); 4 were slower (GIL contention).
+DEFAULT_READ_THREADS = 1
 DEFAULT_PREFETCH = 256  # records read ahead per loader
 
 
