@@ -125,6 +125,7 @@ def main() -> None:
     ap.add_argument("--global-pca", type=int, default=64)
     ap.add_argument("--cache", help="tiles and features, shared by seeds and scales (default WORKDIR/cache)")
     ap.add_argument("--skip-timing", action="store_true")
+    ap.add_argument("--timing-global-um", help="field sizes (µm) to time (default: --global-um)")
     args = ap.parse_args()
     wd = Path(args.workdir)
     paths = ({s: Path(args.data) / f"{s}.h5ad" for s in SECTIONS} if args.data
@@ -153,8 +154,9 @@ def main() -> None:
         if i:
             out["methods"].pop(f"stimage@{um:g}um")  # the same base ensemble as the first scale's
     if not args.skip_timing:
+        timing_ums = [float(u) for u in args.timing_global_um.split(",")] if args.timing_global_um else ums
         out["prediction_time"] = per_spot_times(wd / f"seed{seeds[0]}", read_h5ad(paths["C6"]),
-                                                ums if glob_methods else ())
+                                                timing_ums if glob_methods else ())
     print(json.dumps(out))
 
 
