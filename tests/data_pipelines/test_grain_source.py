@@ -1,8 +1,8 @@
 """The grain pipeline fine-tuning reads (data_pipelines.grain_source): records parsed straight
 from the ArrayRecord protobufs equal TFDS's own decoding; epoch_loader's batches are each
 member's in-RAM order (jax permutation keyed by its seed), epoch-aligned and padded with
-weight 0; an iterator restored from its JSON state continues mid-epoch; worker processes
-give the same batches as reader threads."""
+weight 0; an iterator restored from its JSON state continues mid-epoch; worker processes and
+record-by-record reads (grain.Batch) give the same batches as reader threads."""
 
 from __future__ import annotations
 
