@@ -6,8 +6,11 @@ Same toy model as ``onnx_speed.py`` (ImageNet-shaped Lite0 backbone + NB head, 2
 
 - ``qdq``: the export before this study (Conv/Relu/Clip/Add/MaxPool QDQ, per-channel weights,
   the backbone's last convolutions fp32), input scaling left as fp32 ``Cast → Div → Sub``;
-- ``fold``: + the input scaling folded into the first convolution (``fold_input_scaling``) —
-  the exporter's default now;
+- ``fold``: the exporter's default now: the input scaling folded into the first convolution
+  and the input's Pad/Transpose run on the uint8 tiles (``fold_input_scaling(uint8_path=True)``),
+  whose quantisation is then an identity and removed (``drop_identity_input_quantize``): no
+  fp32 work on the input at all;
+- ``fold_no_tail``: + the backbone's last convolutions quantised too (accuracy: see onnx_speed);
 - ``fold_stem_fp32``: + the stem convolution (3 → 32, 3×3 /2) left fp32;
 - ``fold_dw_fp32``: + every depthwise convolution left fp32;
 - ``fold_per_tensor``: per-tensor weights;
@@ -46,8 +49,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import cpu_flags  # noqa: E402
 from onnx_speed import session, tiles_per_s, toy_model  # noqa: E402
 
-VARIANTS = ("qdq", "fold", "fold_stem_fp32", "fold_dw_fp32", "fold_per_tensor", "fold_reduce_range",
-            "fold_qoperator")
+VARIANTS = ("qdq", "fold", "fold_no_tail", "fold_stem_fp32", "fold_dw_fp32", "fold_per_tensor",
+            "fold_reduce_range", "fold_qoperator")
 
 
 def _convs(proto):
@@ -70,7 +73,7 @@ def build(variant: str, fp32: Path, calib: np.ndarray, out: Path) -> Path:
     fold = variant != "qdq"
 
     def exclude(pre):
-        names = eq._feature_tail(pre)
+        names = [] if variant == "fold_no_tail" else eq._feature_tail(pre)
         convs = _convs(pre)
         if variant == "fold_stem_fp32":
             names.append(convs[0][0])
