@@ -61,19 +61,20 @@ def global_features(backbone, adata, field_um: float, tile_px: int, *, sample: s
 
 
 def fit_pca(x: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-    """PCA of (N, D) rows → (mean (D,), components (k', D)), k' = min(k, N, D), components
-    orthonormal, ordered by explained variance, each signed so its largest-|loading| entry
-    is positive (deterministic across SVD implementations)."""
+    """PCA of (N, D) rows (scikit-learn, full SVD) → (mean (D,), components (k', D)),
+    k' = min(k, N, D), components orthonormal, ordered by explained variance, each signed so
+    its largest-|loading| entry is positive (deterministic across SVD implementations)."""
+    from sklearn.decomposition import PCA
+
     x = np.asarray(x, np.float64)
     if x.ndim != 2 or len(x) < 2:
         raise StimageError(f"PCA needs an (N >= 2, D) feature matrix, got shape {x.shape}")
     if k < 1:
         raise StimageError(f"PCA needs k >= 1 components, got {k}")
-    mean = x.mean(0)
-    _, _, vt = np.linalg.svd(x - mean, full_matrices=False)
-    comp = vt[:min(k, *x.shape)]
+    pca = PCA(n_components=min(k, *x.shape), svd_solver="full").fit(x)
+    comp = pca.components_
     sign = np.sign(comp[np.arange(len(comp)), np.abs(comp).argmax(1)])
-    return mean.astype(np.float32), (comp * sign[:, None]).astype(np.float32)
+    return pca.mean_.astype(np.float32), (comp * sign[:, None]).astype(np.float32)
 
 
 def apply_pca(x: np.ndarray, mean: np.ndarray, components: np.ndarray) -> np.ndarray:
