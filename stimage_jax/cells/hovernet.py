@@ -457,6 +457,11 @@ def cells_onnx_proto(model: HoVerNet, *, size: int = 256, metadata: dict | None 
     finally:
         set_depthwise_impl(model, "auto")
     del proto.graph.value_info[:]  # jax2onnx leaves stale shapes on residual nets
+    # jax2onnx writes relu as Max(x, 0), which onnxruntime neither fuses into the convolution
+    # nor quantises with it; the spot exporter's rewrite applies unchanged
+    from export.to_onnx import max0_to_relu
+
+    max0_to_relu(proto)
     meta = {"format": "stimage-jax-cells-onnx/1", "size": size, "num_types": model.num_types,
             "type_names": list(TYPE_NAMES[:model.num_types]), **(metadata or {})}
     del proto.metadata_props[:]
