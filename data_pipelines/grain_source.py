@@ -37,8 +37,17 @@ import numpy as np
 
 from data_pipelines.errors import StimageError
 
-__all__ = ["spot_loader", "epoch_loader", "SpotRecords", "ParseSpots", "EpochSampler", "EpochBatches", "FIELDS",
-           "DEFAULT_READ_THREADS", "DEFAULT_PREFETCH"]
+__all__ = [
+    "DEFAULT_PREFETCH",
+    "DEFAULT_READ_THREADS",
+    "FIELDS",
+    "EpochBatches",
+    "EpochSampler",
+    "ParseSpots",
+    "SpotRecords",
+    "epoch_loader",
+    "spot_loader",
+]
 
 FIELDS = ("tile", "counts")
 # One reader thread: it reads the next batches while the step runs (on an accelerator the host is

@@ -13,7 +13,12 @@ import numpy as np
 import pytest
 
 from data_pipelines.errors import StimageError
-from data_pipelines.grain_source import EpochSampler, ParseSpots, SpotRecords, epoch_loader
+from data_pipelines.grain_source import (
+    EpochSampler,
+    ParseSpots,
+    SpotRecords,
+    epoch_loader,
+)
 from data_pipelines.tfds_dataset import open_source
 from stimage_jax.cli import main
 from stimage_jax.ensemble.dataset_train import MemberOrder
@@ -105,7 +110,7 @@ def test_restored_iterator_continues_mid_epoch(exported):
 
 def test_worker_processes_and_record_reads_give_the_thread_batches(exported):
     train = np.arange(0, 128)
-    kw = dict(batch_size=32, num_epochs=1, order=MemberOrder(jax.random.key(1)), fields=("tile", "counts"))
+    kw = {"batch_size": 32, "num_epochs": 1, "order": MemberOrder(jax.random.key(1)), "fields": ("tile", "counts")}
     threads = list(epoch_loader(exported, train, read_threads=2, **kw))
     procs = list(epoch_loader(exported, train, worker_count=1, **kw))
     records = list(epoch_loader(exported, train, read_threads=0, per_record=True, **kw))  # grain.Batch
