@@ -4,7 +4,6 @@ the server started on a free loopback port in a subprocess (stopped with SIGTERM
 from __future__ import annotations
 
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -13,6 +12,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+
+from tests.export._process import stop_process
 
 ROOT = Path(__file__).resolve().parents[3]
 
@@ -77,13 +78,7 @@ class Server:
             return False
 
     def stop(self) -> int:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-        try:
-            return self.proc.wait(timeout=30)
-        finally:
-            if self.proc.poll() is None:
-                self.proc.kill()
+        return stop_process(self.proc)
 
 
 @pytest.fixture(scope="package")
