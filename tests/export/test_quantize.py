@@ -250,3 +250,51 @@ def test_fold_input_scaling_is_exact_and_removes_the_scaling():
     other.CopyFrom(proto)
     other.graph.node[1].op_type = "Mul"
     assert not fold_input_scaling(other) and len(other.graph.node) == 6
+
+
+def test_uint8_input_path_pads_raw_tiles_and_centres_the_first_convolution():
+    """uint8_path: tiles → Pad(128) → Transpose → Cast → Sub(128) → Conv; outputs away from the
+    padding equal the original graph's, padded ones differ by the rounded pad value only."""
+    import onnxruntime as ort
+    from onnx import TensorProto, helper, numpy_helper
+
+    from export.quantize import fold_input_scaling
+
+    rng = np.random.default_rng(1)
+    w = rng.normal(size=(4, 3, 3, 3)).astype(np.float32)
+    inits = [numpy_helper.from_array(np.array([127.5], np.float32), "c"),
+             numpy_helper.from_array(np.array([1.0], np.float32), "d"),
+             numpy_helper.from_array(np.array([0, 1, 1, 0, 0, 1, 1, 0], np.int64), "pads"),
+             numpy_helper.from_array(np.array(0.0, np.float32), "zero"),
+             numpy_helper.from_array(w, "W"), numpy_helper.from_array(np.zeros(4, np.float32), "B")]
+    nodes = [helper.make_node("Cast", ["tiles"], ["f"], to=TensorProto.FLOAT),
+             helper.make_node("Div", ["f", "c"], ["s"]), helper.make_node("Sub", ["s", "d"], ["x"]),
+             helper.make_node("Pad", ["x", "pads", "zero"], ["p"]),
+             helper.make_node("Transpose", ["p"], ["t"], perm=[0, 3, 1, 2]),
+             helper.make_node("Conv", ["t", "W", "B"], ["y"], strides=[2, 2])]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("tiles", TensorProto.UINT8, ["N", 9, 9, 3])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 4, 5, 5])], inits)
+    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    x = rng.integers(0, 256, (2, 9, 9, 3), dtype=np.uint8)
+
+    def run(p):
+        return ort.InferenceSession(p.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"tiles": x})[0]
+
+    ref = run(proto)
+    # quantised whole: the input's Cast/Sub/QuantizeLinear are gone, the Conv's DequantizeLinear
+    # reads the padded, transposed uint8 tiles themselves
+    from export.quantize import TileReader, quantize_qdq
+
+    q = quantize_qdq(proto, TileReader(x, 2, False, "tiles"))
+    ops = [n.op_type for n in q.graph.node]
+    assert "Cast" not in ops and "Sub" not in ops and ops.count("QuantizeLinear") == 1  # the Conv's output only
+    dq = next(n for n in q.graph.node if n.op_type == "DequantizeLinear" and n.input[0] == "t")
+    assert dq.output[0] in next(n for n in q.graph.node if n.op_type == "Conv").input
+    assert np.max(np.abs(run(q) - ref)) <= 0.02 * np.max(np.abs(ref))  # int8: a few output steps
+    assert fold_input_scaling(proto, uint8_path=True) == "x"  # the centred input, read by the Conv
+    onnx.checker.check_model(proto)
+    assert [n.op_type for n in proto.graph.node] == ["Pad", "Transpose", "Cast", "Sub", "Conv"]
+    got = run(proto)
+    np.testing.assert_allclose(got[:, :, 1:4, 1:4], ref[:, :, 1:4, 1:4], rtol=1e-5, atol=1e-4)
+    # on padded taps the pad value 127.5 became 128: 0.5/127.5 per tap at most
+    assert np.max(np.abs(got - ref)) <= 0.5 / 127.5 * np.abs(w).sum(axis=(1, 2, 3)).max() + 1e-4
