@@ -77,7 +77,7 @@ def _variant_name(tta: bool, ctx: bool, glob: str | None) -> str:
 
 
 def _variant_features(model, adatas: list, *, tta: bool, ctx: bool, context_k: int, cache: Path,
-                      progress: bool, glob: str | None = None, global_um: float = 300.0,
+                      progress: bool, glob: str | None = None, global_um: float = 500.0,
                       global_pca: int = 64) -> list[np.ndarray]:
     """Per-sample features of the base model's frozen backbone, TTA-averaged over the 8
     dihedral views, combined with the ``global_um`` field's features (``glob``: concat,
@@ -135,7 +135,7 @@ def _smoothed(pred: ad.AnnData, truth: ad.AnnData, genes, context_k: int, alpha:
 
 
 def _context_methods(model, train_ads, truth, wd: Path, methods, common: dict, *, members, config, context_k,
-                     smooth, cache, progress, base_pred, global_um: float = 300.0,
+                     smooth, cache, progress, base_pred, global_um: float = 500.0,
                      global_pca: int = 64) -> dict[str, pd.DataFrame]:
     from stimage_jax.metrics import evaluate
     from stimage_jax.pipeline import predict, train
@@ -166,7 +166,7 @@ def _context_methods(model, train_ads, truth, wd: Path, methods, common: dict, *
 
 
 def _fold(adatas: dict, test: str, wd: Path, methods, *, genes, backbone, members, config, tile_um, tile_px,
-          seed, progress, cache, context_k: int = 6, smooth: float = 0.5, global_um: float = 300.0,
+          seed, progress, cache, context_k: int = 6, smooth: float = 0.5, global_um: float = 500.0,
           global_pca: int = 64) -> dict[str, pd.DataFrame]:
     from export.runtime.prediction import build_prediction
     from stimage_jax.baselines import apply_ridge, fit_ridge
@@ -255,7 +255,7 @@ def run_loso(data, workdir: str | os.PathLike, *, methods=METHODS, genes: str = 
              backbone: str = "efficientnet_lite0", members: int = 5, config: TrainConfig = TrainConfig(),
              tile_um: float | None = None, tile_px: int = 299, seed: int = 0, min_coverage: float = 0.7,
              samples: list[str] | None = None, progress: bool = True, overwrite: bool = False,
-             context_k: int = 6, smooth: float = 0.5, global_um: float = 300.0, global_pca: int = 64,
+             context_k: int = 6, smooth: float = 0.5, global_um: float = 500.0, global_pca: int = 64,
              cache_dir: str | os.PathLike | None = None) -> pd.DataFrame:
     """Run every fold (resuming finished ones) → the table of all folds and methods.
 

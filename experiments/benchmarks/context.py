@@ -121,7 +121,7 @@ def main() -> None:
     ap.add_argument("--context-k", type=int, default=6)
     ap.add_argument("--smooth", type=float, default=0.5)
     ap.add_argument("--methods", default=",".join(METHODS))
-    ap.add_argument("--global-um", default="300", help="comma separated field sizes (µm) for *_global* methods")
+    ap.add_argument("--global-um", default="500", help="comma separated field sizes (µm) for *_global* methods")
     ap.add_argument("--global-pca", type=int, default=64)
     ap.add_argument("--cache", help="tiles and features, shared by seeds and scales (default WORKDIR/cache)")
     ap.add_argument("--skip-timing", action="store_true")

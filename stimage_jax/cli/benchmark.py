@@ -32,7 +32,7 @@ def add_parser(sub, parents) -> None:
                    help="*_ctx / *_smooth methods: neighbours of a spot (nearest spots of its sample)")
     b.add_argument("--smooth", type=unit_fraction, default=0.5,
                    help="*_smooth methods: weight of the neighbours' mean in each member's NB mean")
-    b.add_argument("--global-um", type=positive_float, default=300.0,
+    b.add_argument("--global-um", type=positive_float, default=500.0,
                    help="*_global* methods: side in µm of the field around each spot (resized to the backbone's "
                         "input: a lower-magnification view)")
     b.add_argument("--global-pca", type=positive_int, default=64,
