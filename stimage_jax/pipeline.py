@@ -452,7 +452,7 @@ def _fit_sources(run: _Run, mcfg: dict, backbones, feats, workdir: Path, cache: 
 
 def train(data, workdir: str | os.PathLike, config: RunConfig | TrainConfig | None = None, *,
           progress: bool = True, overwrite: bool = False, cache_dir: str | os.PathLike | None = None,
-          **options) -> EnsembleModel:
+          stream_options=None, **options) -> EnsembleModel:
     """Train an ensemble of NB models (or, with ``task="classify"``, the high/low
     classifier); return it (also saved in ``workdir/model``).
 
@@ -465,6 +465,8 @@ def train(data, workdir: str | os.PathLike, config: RunConfig | TrainConfig | No
     (default ``workdir/cache``), keyed by content. The workdir is locked while a run uses
     it; a rerun with the same config and the same data resumes (or returns the finished
     model), while changed data or settings are refused unless ``overwrite``.
+    ``stream_options``: how a ``dataset`` run reads and checkpoints
+    (:class:`~stimage_jax.ensemble.dataset_train.StreamOptions`).
     """
     cfg = run_config(config, **options)
     if cfg.task == "classify":
@@ -472,7 +474,8 @@ def train(data, workdir: str | os.PathLike, config: RunConfig | TrainConfig | No
     if cfg.dataset is not None:  # tiles streamed from an exported TFDS/ArrayRecord dataset
         from stimage_jax.ensemble.dataset_train import train_from_dataset
 
-        return train_from_dataset(cfg.dataset, workdir, cfg, progress=progress, overwrite=overwrite)
+        return train_from_dataset(cfg.dataset, workdir, cfg, progress=progress, overwrite=overwrite,
+                                  options=stream_options)
     strategy = resolve_strategy(cfg.strategy, trains_backbone=cfg.features.fine_tune)
     workdir = Path(workdir).absolute()
     run = _prepare(data, cfg)

@@ -28,7 +28,10 @@ def test_dataset_fine_tuning_equals_h5ad_fine_tuning(synthetic_study, tmp_path, 
                  "--genes", "A,B,C", "--tile-px", "32"]) == 0
     assert main(["train", *COMMON, "--data", *map(str, synthetic_study), "--genes", "A,B,C", "--tile-px", "32",
                  "--min-coverage", "0", "--workdir", str(tmp_path / "h5ad")]) == 0
-    assert main(["train", *COMMON, "--dataset", str(ds), "--workdir", str(tmp_path / "ds_run")]) == 0
+    # how the stream reads and checkpoints (no reader threads, a checkpoint every 3 steps) is not
+    # what it trains: the same model
+    assert main(["train", *COMMON, "--dataset", str(ds), "--workdir", str(tmp_path / "ds_run"),
+                 "--read-threads", "0", "--checkpoint-steps", "3"]) == 0
     a, b = _leaves(tmp_path / "h5ad"), _leaves(tmp_path / "ds_run")
     assert len(a) == len(b) > 10
     for x, y in zip(a, b):
@@ -42,6 +45,11 @@ def test_dataset_fine_tuning_equals_h5ad_fine_tuning(synthetic_study, tmp_path, 
                  "--workdir", str(tmp_path / "x")]) == 2
     assert main(["train", "--quiet", "--dataset", str(ds), "--workdir", str(tmp_path / "y")]) == 2  # no --fine-tune
     assert "--fine-tune" in capsys.readouterr().err
+    assert main(["train", *COMMON, "--data", str(synthetic_study[0]), "--workdir", str(tmp_path / "z"),
+                 "--input-workers", "1"]) == 2
+    assert capsys.readouterr().err == "stimage: error: --input-workers go with --dataset DIR\n"
+    assert main(["train", *COMMON, "--dataset", str(ds), "--workdir", str(tmp_path / "z"), "--read-threads", "-1"]) == 2
+    assert not (tmp_path / "z").exists()
 
 
 class _Killed(Exception):
