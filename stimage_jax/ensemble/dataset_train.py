@@ -46,8 +46,10 @@ from stimage_jax.ensemble.model import EnsembleModel
 from stimage_jax.ensemble.stacked import (
     AUGMENT_STREAM,
     member_mesh,
+    record_epoch,
     resolve_strategy,
     unstack_members,
+    update_early_stopping,
 )
 from stimage_jax.ensemble.train import LOSSES, SpotLoss, TrainConfig, adam
 from stimage_jax.features.extract import extract_features, weights_fingerprint
@@ -270,16 +272,12 @@ def fit_streamed(members: nnx.Module, directory: str | os.PathLike, train_record
                         g0, g1 = groups[gi]
                         acc[g0:g1] += np.asarray(members_eval_step(states[gi], batch)["loss_sum"]).astype(np.float64)
                 val = acc / len(val_records)
-                improved = active & (val < stop["best_val"])
-                stop["best_val"] = np.where(improved, val, stop["best_val"])
-                stop["bad_epochs"] = np.where(improved, 0, stop["bad_epochs"] + active)
-                stop["done"] = stop["done"] | (active & (stop["bad_epochs"] >= config.patience))
+                improved = update_early_stopping(stop, val, active, config.patience)
                 for gi in live:
                     g0, g1 = groups[gi]
                     bests[gi] = keep_best(put(jnp.asarray(improved[g0:g1]), PS("member")), states[gi].params,
                                           bests[gi])
-            for m in np.flatnonzero(active):
-                histories[m].append({"epoch": epoch, "train_loss": float(train_loss[m]), "val_loss": float(val[m])})
+            record_epoch(histories, active, epoch, train_loss, val)
             epoch, batch_i, tot = epoch + 1, 0, np.zeros(n_mem)
             bar.set_postfix(active=int((~stop["done"]).sum()), train=f"{np.mean(train_loss[active]):.4f}")
             if stop["done"].all() or epoch % config.checkpoint_every == 0:

@@ -43,6 +43,7 @@ from stimage_jax.training import (CheckpointMeta, Checkpointer, TrainState, conc
                                   members_eval_step, members_train_step, split_members)
 
 __all__ = ["STRATEGIES", "resolve_strategy", "create_members", "stack_members", "unstack_members",
+           "update_early_stopping", "record_epoch",
            "member_mesh", "fit_ensemble"]
 
 STRATEGIES = ("auto", "loop", "vmap")
@@ -104,6 +105,24 @@ def member_mesh(n_members: int, batch_size: int, devices=None) -> Mesh | None:
     if m_dev * b_dev < 2:
         return None
     return Mesh(np.asarray(devices[:m_dev * b_dev]).reshape(m_dev, b_dev), ("member", "batch"))
+
+
+def update_early_stopping(stop: dict, val: np.ndarray, active: np.ndarray, patience: int) -> np.ndarray:
+    """One epoch's validation losses ``val`` (M,) into the per-member early-stopping state
+    ``stop`` (``best_val``, ``bad_epochs``, ``done``; updated in place) for the ``active``
+    members; returns which of them improved (their best parameters are to be kept)."""
+    improved = active & (val < stop["best_val"])
+    stop["best_val"] = np.where(improved, val, stop["best_val"])
+    stop["bad_epochs"] = np.where(improved, 0, stop["bad_epochs"] + active)
+    stop["done"] = stop["done"] | (active & (stop["bad_epochs"] >= patience))
+    return improved
+
+
+def record_epoch(histories: list[list[dict]], active: np.ndarray, epoch: int, train_loss: np.ndarray,
+                 val: np.ndarray) -> None:
+    """Append epoch ``epoch``'s losses to each active member's history."""
+    for m in np.flatnonzero(active):
+        histories[m].append({"epoch": epoch, "train_loss": float(train_loss[m]), "val_loss": float(val[m])})
 
 
 def fit_ensemble(members: nnx.Module, x_train, y_train, x_val=None, y_val=None, *, keys: jax.Array,
@@ -224,16 +243,12 @@ def fit_ensemble(members: nnx.Module, x_train, y_train, x_val=None, y_val=None, 
                         acc[g0:g1] += distributed.to_host(members_eval_step(states[gi], batch)["loss_sum"]
                                                           ).astype(np.float64)
                 val = acc / len(y_val)
-                improved = active & (val < stop["best_val"])
-                stop["best_val"] = np.where(improved, val, stop["best_val"])
-                stop["bad_epochs"] = np.where(improved, 0, stop["bad_epochs"] + active)
-                stop["done"] = stop["done"] | (active & (stop["bad_epochs"] >= config.patience))
+                improved = update_early_stopping(stop, val, active, config.patience)
                 for gi in live:
                     g0, g1 = groups[gi]
                     bests[gi] = keep_best(put(jnp.asarray(improved[g0:g1]), P("member")), states[gi].params,
                                           bests[gi])
-            for m in np.flatnonzero(active):
-                histories[m].append({"epoch": epoch, "train_loss": float(train_loss[m]), "val_loss": float(val[m])})
+            record_epoch(histories, active, epoch, train_loss, val)
             epoch += 1
             bar.update(1)
             bar.set_postfix(active=int((~stop["done"]).sum()), train=f"{np.mean(train_loss[active]):.4f}")
