@@ -104,8 +104,17 @@ def smooth_members(member_mu: np.ndarray, idx: np.ndarray, alpha: float) -> np.n
     mu = np.asarray(member_mu)
     if alpha == 0.0:
         return mu
-    neigh = mu[:, idx].mean(axis=2, dtype=np.float64)  # (M, N, K, G) → (M, N, G)
-    return ((1.0 - alpha) * mu + alpha * neigh).astype(mu.dtype, copy=False)
+    idx = np.asarray(idx)
+    out = np.empty_like(mu)
+    # Neighbour by neighbour and 64 genes at a time: a whole slide's (M, N, K, G) gather would
+    # hold K copies of every member's predictions (5 × 10⁵ tiles × 6 × 250 genes = 3 GB).
+    for g0 in range(0, mu.shape[-1], 64):
+        part = mu[..., g0:g0 + 64]
+        neigh = np.zeros(part.shape, np.float64)
+        for k in range(idx.shape[1]):
+            neigh += part[:, idx[:, k]]
+        out[..., g0:g0 + 64] = (1.0 - alpha) * part + alpha * (neigh / idx.shape[1])
+    return out
 
 
 def dihedral(tiles: np.ndarray, t: int) -> np.ndarray:
