@@ -27,7 +27,7 @@ def test_parity_on_her2st_tiles(her2st_h5ad, tmp_path, backbone, px):
     # resnet50 has no shipped weights: random initialisation is enough for a parity check
     assert main(["train", "--quiet", "--data", str(her2st_h5ad / "C3.h5ad"), "--genes", "markers",
                  "--backbone", backbone, "--tile-px", str(px), "--members", "2", "--max-epochs", "3",
-                 "--workdir", str(wd)]) == 0
+                 "--tta", "1", "--workdir", str(wd)]) == 0  # the real backbones' parity; TTA's: test_tta_smooth
     model = EnsembleModel.load(wd)
     onx = OnnxEnsemble(export_onnx(model, tmp_path / "m.onnx"))
     from data_pipelines.slides import read_h5ad

@@ -57,7 +57,8 @@ def test_train_predict_evaluate(trained, synthetic_study, tmp_path, capsys):
 
 def test_one_member_ensemble_equals_single_model(synthetic_study, tmp_path):
     wd = tmp_path / "one"
-    assert _train(synthetic_study[:2], wd, "--members", "1") == 0
+    # one view, no smoothing: the member applied to the plain tiles below is the whole model
+    assert _train(synthetic_study[:2], wd, "--members", "1", "--tta", "1", "--smooth", "0") == 0
     model = EnsembleModel.load(wd)
     from stimage_jax.pipeline import predict
     truth = ad.read_h5ad(synthetic_study[2])

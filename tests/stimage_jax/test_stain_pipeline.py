@@ -56,7 +56,8 @@ def test_train_stores_template_predict_and_onnx_reuse_it(her2st_small, tmp_path,
     np.testing.assert_allclose(ref.stain_matrix, again.stain_matrix, atol=1e-6)
 
     pred_j = tmp_path / "j.h5ad"
-    assert main(["predict", "--quiet", "--model", str(wd), "--data", str(her2st_small[2]), "--out", str(pred_j)]) == 0
+    assert main(["predict", "--quiet", "--model", str(wd), "--data", str(her2st_small[2]), "--out", str(pred_j),
+                 "--smooth", "0"]) == 0  # the members' own means (smoothing is tested in test_tta_smooth)
     c4 = ad.read_h5ad(her2st_small[2])
     tiles = spot_tiles(c4, tile_um=model.config["tile_um"], tile_px=32, progress=False, stain=ref)
     mu, _ = model.member_params(tiles, progress=False)
@@ -69,7 +70,7 @@ def test_train_stores_template_predict_and_onnx_reuse_it(her2st_small, tmp_path,
     np.testing.assert_allclose(onx.stain.stain_matrix, ref.stain_matrix)
     pred_o = tmp_path / "o.h5ad"
     assert main(["predict", "--quiet", "--model", str(tmp_path / "m.onnx"), "--data", str(her2st_small[2]),
-                 "--out", str(pred_o)]) == 0
+                 "--out", str(pred_o), "--smooth", "0"]) == 0
     np.testing.assert_allclose(ad.read_h5ad(pred_o).X, ad.read_h5ad(pred_j).X, rtol=1e-4)
     assert ad.read_h5ad(pred_o).uns[keys.STIMAGE_UNS]["prediction"]["stain"] == "vahadane"
 
