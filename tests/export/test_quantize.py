@@ -208,17 +208,14 @@ def test_int8_on_her2st_tiles(her2st_root, tmp_path):
 PX, R_MIN, REL_MAX = 160, 0.9, 0.25
 
 
-def test_fold_input_scaling_is_exact_and_removes_the_scaling():
-    """Cast → Div(c) → Sub(d) → Pad(0) → Transpose → Conv(W, B) becomes Cast → Pad → Transpose →
-    Conv(W/c, B − d·ΣW) with the pad value moved to the raw scale: same outputs, border included."""
+def _scaled_conv_graph(rng, bias: bool):
+    """A backbone's start in miniature: Cast → Div(127.5) → Sub(1) → Pad(0) → Transpose → Conv,
+    on uint8 (N, 9, 9, 3) tiles; returns (graph, tiles (2, 9, 9, 3), onnxruntime runner)."""
     import onnxruntime as ort
     from onnx import TensorProto, helper, numpy_helper
 
-    from export.quantize import fold_input_scaling
-
-    rng = np.random.default_rng(0)
     w = rng.normal(size=(4, 3, 3, 3)).astype(np.float32)
-    b = rng.normal(size=4).astype(np.float32)
+    b = rng.normal(size=4).astype(np.float32) if bias else np.zeros(4, np.float32)
     inits = [numpy_helper.from_array(np.array([127.5], np.float32), "c"),
              numpy_helper.from_array(np.array([1.0], np.float32), "d"),
              numpy_helper.from_array(np.array([0, 1, 1, 0, 0, 1, 1, 0], np.int64), "pads"),
@@ -237,6 +234,16 @@ def test_fold_input_scaling_is_exact_and_removes_the_scaling():
     def run(p):
         return ort.InferenceSession(p.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"tiles": x})[0]
 
+    return proto, x, run
+
+
+def test_fold_input_scaling_is_exact_and_removes_the_scaling():
+    """Cast → Div(c) → Sub(d) → Pad(0) → Transpose → Conv(W, B) becomes Cast → Pad → Transpose →
+    Conv(W/c, B − d·ΣW) with the pad value moved to the raw scale: same outputs, border included."""
+
+    from export.quantize import fold_input_scaling
+
+    proto, x, run = _scaled_conv_graph(np.random.default_rng(0), bias=True)
     ref = run(proto)
     folded = onnx.ModelProto()
     folded.CopyFrom(proto)
@@ -255,31 +262,12 @@ def test_fold_input_scaling_is_exact_and_removes_the_scaling():
 def test_uint8_input_path_pads_raw_tiles_and_centres_the_first_convolution():
     """uint8_path: tiles → Pad(128) → Transpose → Cast → Sub(128) → Conv; outputs away from the
     padding equal the original graph's, padded ones differ by the rounded pad value only."""
-    import onnxruntime as ort
-    from onnx import TensorProto, helper, numpy_helper
+    from onnx import numpy_helper
 
     from export.quantize import fold_input_scaling
 
-    rng = np.random.default_rng(1)
-    w = rng.normal(size=(4, 3, 3, 3)).astype(np.float32)
-    inits = [numpy_helper.from_array(np.array([127.5], np.float32), "c"),
-             numpy_helper.from_array(np.array([1.0], np.float32), "d"),
-             numpy_helper.from_array(np.array([0, 1, 1, 0, 0, 1, 1, 0], np.int64), "pads"),
-             numpy_helper.from_array(np.array(0.0, np.float32), "zero"),
-             numpy_helper.from_array(w, "W"), numpy_helper.from_array(np.zeros(4, np.float32), "B")]
-    nodes = [helper.make_node("Cast", ["tiles"], ["f"], to=TensorProto.FLOAT),
-             helper.make_node("Div", ["f", "c"], ["s"]), helper.make_node("Sub", ["s", "d"], ["x"]),
-             helper.make_node("Pad", ["x", "pads", "zero"], ["p"]),
-             helper.make_node("Transpose", ["p"], ["t"], perm=[0, 3, 1, 2]),
-             helper.make_node("Conv", ["t", "W", "B"], ["y"], strides=[2, 2])]
-    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("tiles", TensorProto.UINT8, ["N", 9, 9, 3])],
-                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 4, 5, 5])], inits)
-    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    x = rng.integers(0, 256, (2, 9, 9, 3), dtype=np.uint8)
-
-    def run(p):
-        return ort.InferenceSession(p.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"tiles": x})[0]
-
+    proto, x, run = _scaled_conv_graph(np.random.default_rng(1), bias=False)
+    w = next(numpy_helper.to_array(i) for i in proto.graph.initializer if i.name == "W")
     ref = run(proto)
     # quantised whole: the input's Cast/Sub/QuantizeLinear are gone, the Conv's DequantizeLinear
     # reads the padded, transposed uint8 tiles themselves
