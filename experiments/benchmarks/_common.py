@@ -24,9 +24,11 @@ def her2st_paths(shared: str | Path, workdir: Path, sections) -> dict[str, Path]
     return paths
 
 
-def timed(f, reps: int) -> float:
-    """Best of ``reps`` wall times after one warm-up call (first-touch allocations, thread pools)."""
-    f()
+def timed(f, reps: int, warmup: bool = True) -> float:
+    """Best of ``reps`` wall times, after one warm-up call (first-touch allocations, thread pools)
+    unless ``warmup`` is False."""
+    if warmup:
+        f()
     best = float("inf")
     for _ in range(reps):
         t = time.perf_counter()

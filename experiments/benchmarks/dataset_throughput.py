@@ -36,7 +36,7 @@ import time
 from pathlib import Path
 
 import numpy as np
-from _common import cpu_flags
+from _common import cpu_flags, timed
 from dataset import make_samples
 
 
@@ -52,12 +52,8 @@ def read_epoch(directory: str, batch: int, threads: int | None, workers: int, pe
 
 
 def best_of(f, reps: int = 3) -> float:
-    best = float("inf")
-    for _ in range(reps):
-        t = time.perf_counter()
-        f()
-        best = min(best, time.perf_counter() - t)
-    return best
+    """Best of ``reps`` wall times, no warm-up (the first read is part of what is measured)."""
+    return timed(f, reps, warmup=False)
 
 
 def fine_tune_rates(directory: Path, tiles: np.ndarray, counts: np.ndarray, backbone: str, batch: int,
