@@ -102,7 +102,7 @@ from data_pipelines.errors import StimageError
 
 __all__ = [
     "AugmentConfig", "AugmentParams", "RUIFROK_HE", "LUMA_601",
-    "augment", "augment_views", "sample_params", "apply_params",
+    "augment", "augment_rows", "augment_views", "sample_params", "apply_params",
     "hed_jitter", "stain_basis", "rgb_to_hsv", "hsv_to_rgb", "gaussian_blur", "affine_warp", "dihedral",
 ]
 
@@ -603,6 +603,18 @@ def augment(key: jax.Array, tiles: jax.Array, config: AugmentConfig = AugmentCon
     Equals ``apply_params(tiles, sample_params(key, B, config), config)``.
     """
     return _augment(key, tiles, config)
+
+
+@functools.partial(jax.jit, static_argnames=("batch", "config"))
+def augment_rows(key: jax.Array, tiles: jax.Array, rows: jax.Array, batch: int,
+                 config: AugmentConfig = AugmentConfig()) -> jax.Array:
+    """Rows ``rows`` (R,) of a ``batch``-tile batch, augmented as :func:`augment` would in the
+    whole batch: uint8 (R, H, W, 3) → uint8 (R, H, W, 3). Each tile's parameters depend on
+    its row, so a process that holds only some rows of a batch (several processes) augments
+    them exactly as one process holding the batch."""
+    _check_tiles(tiles, config)
+    params = jax.tree.map(lambda a: a[rows], sample_params(key, batch, config))
+    return _apply(tiles, params, config)
 
 
 @functools.partial(jax.jit, static_argnames=("k", "config"))

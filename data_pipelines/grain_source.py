@@ -243,11 +243,17 @@ class EpochBatches:
     checkpoints these items.
     """
 
-    def __init__(self, directory: str | os.PathLike, sampler: EpochSampler, fields: Sequence[str]):
+    def __init__(self, directory: str | os.PathLike, sampler: EpochSampler, fields: Sequence[str],
+                 rows: Sequence[int] | None = None):
         self.records = SpotRecords(directory)
         self.sampler = sampler
         self.parse = ParseSpots(directory, fields, self.records.num_records)
         self.per_epoch = sampler.length // sampler.batch_size
+        # several processes: each reads only these rows of every batch (the rows its devices hold)
+        self.rows = None if rows is None else np.asarray(rows, np.int64)
+        if self.rows is not None and (not len(self.rows) or self.rows.min() < 0
+                                      or self.rows.max() >= sampler.batch_size):
+            raise ValueError(f"rows must be a non-empty subset of [0, {sampler.batch_size})")
 
     def __len__(self) -> int:
         return self.sampler.num_epochs * self.per_epoch
@@ -256,12 +262,15 @@ class EpochBatches:
         epoch, b = divmod(int(i), self.per_epoch)
         bs = self.sampler.batch_size
         keys = self.sampler.epoch_keys(epoch)[b * bs:(b + 1) * bs]
+        if self.rows is not None:
+            keys = keys[self.rows]
         rows = [self.parse.map(self.records[k]) for k in keys]  # array_record's __getitems__ starts threads per call: slower
         return {k: np.stack([r[k] for r in rows]) if isinstance(rows[0][k], np.ndarray | np.generic)
                 else [r[k] for r in rows] for k in rows[0]}
 
     def __repr__(self) -> str:
-        return f"EpochBatches({self.records!r}, {self.sampler!r}, fields={sorted(self.parse.specs)})"
+        rows = "all" if self.rows is None else hashlib.sha1(self.rows.tobytes()).hexdigest()[:16]
+        return f"EpochBatches({self.records!r}, {self.sampler!r}, fields={sorted(self.parse.specs)}, rows={rows})"
 
 
 def _read_options(read_threads: int | None, prefetch: int | None):
@@ -281,14 +290,17 @@ def _mark_flags(worker_count: int) -> None:
 
 def epoch_loader(directory: str | os.PathLike, records: Sequence[int], *, batch_size: int, num_epochs: int,
                  order=None, seed: int | None = None, shuffle: bool = True, fields: Sequence[str] = FIELDS, worker_count: int = 0,
-                 read_threads: int | None = None, prefetch: int | None = None, per_record: bool = False):
+                 read_threads: int | None = None, prefetch: int | None = None, per_record: bool = False,
+                 rows: Sequence[int] | None = None):
     """A grain DataLoader of epoch-aligned batches ``{field: (B, ...), "record": (B,), "weight": (B,)}``
     of ``records`` (see :class:`EpochSampler`); ``ceil(len(records) / batch_size)`` batches per epoch.
 
-    One process reads every record (the in-RAM loop's batches, exactly); prefetch runs in
+    Batches are the in-RAM loop's, exactly; prefetch runs in
     ``read_threads`` threads or ``worker_count`` processes (``prefetch``: items read ahead).
     Items are whole batches read at once (:class:`EpochBatches`); ``per_record`` reads
     record by record and batches with ``grain.Batch`` instead (same batches, slower).
+    ``rows``: read only these rows of every batch (the share of a process whose devices hold
+    them, when several JAX processes train on one global batch); None reads whole batches.
     """
     import grain.python as grain
 
@@ -297,10 +309,12 @@ def epoch_loader(directory: str | os.PathLike, records: Sequence[int], *, batch_
                            seed=seed, shuffle=shuffle)
     _mark_flags(worker_count)
     if per_record:
+        if rows is not None:
+            raise ValueError("per_record reads whole batches (rows=None)")
         return grain.DataLoader(data_source=src, sampler=sampler, worker_count=worker_count,
                                 shard_options=grain.NoSharding(), read_options=_read_options(read_threads, prefetch),
                                 operations=[_Parse(directory, fields, src.num_records), grain.Batch(batch_size)])
-    batches = EpochBatches(directory, sampler, fields)
+    batches = EpochBatches(directory, sampler, fields, rows)
     ahead = DEFAULT_PREFETCH // batch_size + 1 if prefetch is None else max(1, int(prefetch) // batch_size)
     return grain.DataLoader(data_source=batches, worker_count=worker_count, shard_options=grain.NoSharding(),
                             sampler=grain.IndexSampler(len(batches), shard_options=grain.NoSharding(),

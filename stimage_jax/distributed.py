@@ -4,7 +4,8 @@ One process per host (or per GPU), all running the same ``stimage train`` comman
 their devices form one ("member", "batch") mesh (:func:`stimage_jax.ensemble.stacked.member_mesh`
 over ``jax.devices()``, which lists every process's devices). Every process reads the same data
 and computes the same data order, so a global batch is built from the full host copy each
-process holds (:func:`put`); values a process cannot address (another host's members' losses)
+process holds (:func:`put`) — or, for data streamed from disk, each process reads only the
+batch rows its own devices hold (:func:`addressed_rows`); values a process cannot address (another host's members' losses)
 reach the host only through :func:`to_host` (an all-gather), never ``np.asarray``. Process 0
 alone writes files other than Orbax's array shards (:func:`is_primary`).
 
@@ -27,7 +28,7 @@ import numpy as np
 from data_pipelines.errors import StimageError
 
 __all__ = ["DistributedConfig", "initialize", "is_primary", "is_multiprocess", "to_host", "put", "barrier",
-           "broadcast_flag", "ENV_COORDINATOR", "ENV_NUM_PROCESSES", "ENV_PROCESS_ID"]
+           "broadcast_flag", "addressed_rows", "gather_json", "ENV_COORDINATOR", "ENV_NUM_PROCESSES", "ENV_PROCESS_ID"]
 
 ENV_COORDINATOR, ENV_NUM_PROCESSES, ENV_PROCESS_ID = "JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID"
 
@@ -174,3 +175,36 @@ def broadcast_flag(value: bool) -> bool:
     from jax.experimental import multihost_utils
 
     return bool(multihost_utils.broadcast_one_to_all(np.asarray(value, np.int32)))
+
+
+def addressed_rows(sharding, shape: tuple) -> list[np.ndarray]:
+    """The batch rows this process's devices hold of an array of ``shape`` on ``sharding``:
+    for ``(M, B, ...)`` one sorted row array (along B) per member m (empty: none here); for
+    ``(B,)`` a one-element list."""
+    shape = tuple(int(d) for d in shape)
+    lead = len(shape) > 1
+    held: list[set] = [set() for _ in range(shape[0] if lead else 1)]
+    for idx in sharding.addressable_devices_indices_map(shape).values():
+        members = range(shape[0])[idx[0]] if lead else [0]
+        batch_rows = range(shape[1] if lead else shape[0])[idx[1] if lead else idx[0]]
+        for m in members:
+            held[m].update(batch_rows)
+    return [np.asarray(sorted(h), np.int64) for h in held]
+
+
+def gather_json(value) -> list:
+    """Every process's JSON-able ``value``, in process order, on every process (a collective);
+    ``[value]`` with one process. Used for per-process reader states in checkpoints, whose
+    metadata process 0 alone writes."""
+    import json
+
+    if not is_multiprocess():
+        return [value]
+    from jax.experimental import multihost_utils
+
+    raw = np.frombuffer(json.dumps(value).encode(), np.uint8)
+    sizes = np.asarray(multihost_utils.process_allgather(np.asarray([raw.size], np.int64))).reshape(-1)
+    padded = np.zeros(int(sizes.max()), np.uint8)
+    padded[:raw.size] = raw
+    rows = np.asarray(multihost_utils.process_allgather(padded)).reshape(len(sizes), -1)
+    return [json.loads(rows[i, :sizes[i]].tobytes().decode()) for i in range(len(sizes))]

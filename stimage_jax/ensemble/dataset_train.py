@@ -5,35 +5,30 @@ one loader per member over the training samples' records, member ``m``'s order i
 being ``permutation(fold_in(key_m, e))`` as for in-memory tiles, cut into the same padded
 batches in the pipeline and prefetched by reader threads while the train step runs — so a
 model trained from the dataset equals one trained from the same spots' h5ad files.
-:func:`fit_streamed` is :func:`~stimage_jax.ensemble.stacked.fit_ensemble`'s loop (same steps,
-early stopping, best parameters, augmentation keys) with one addition: it checkpoints every
-``checkpoint_steps`` optimiser steps as well as at epoch ends, with each member's grain
-iterator state in the checkpoint's metadata, so a killed run resumes mid-epoch and reads
-exactly the rest of that epoch. Memory holds the prefetch buffers (plus every spot's counts).
-Genes, tile geometry and stain come from the dataset; whole samples validate
-(``--val-samples``, default the last). Several JAX processes train through ``fit_ensemble``
-on a lazy :class:`DatasetTiles` view (epoch-level resume) — see the module notes.
+:func:`fit_streamed` is :func:`~stimage_jax.ensemble.stacked.fit_ensemble` itself (same steps,
+early stopping, best parameters, augmentation keys) over :class:`StreamBatches`, which adds
+checkpoints every ``checkpoint_steps`` optimiser steps as well as at epoch ends, with every
+member's grain iterator state in the checkpoint's metadata, so a killed run resumes mid-epoch
+and reads exactly the rest of that epoch. Several JAX processes (hosts) train one global
+batch: each process's loaders read only the rows of each batch its own devices hold, and
+the checkpoint keeps every process's reader states. Memory holds the prefetch buffers (plus
+every spot's counts). Genes, tile geometry and stain come from the dataset; whole samples
+validate (``--val-samples``, default the last).
 """
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import datetime as _dt
 import json
-import math
 import os
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pandas as pd
 from flax import nnx
-from jax.sharding import NamedSharding
-from jax.sharding import PartitionSpec as PS
-from tqdm.auto import tqdm
 
 from data_pipelines.errors import StimageError
 from data_pipelines.grain_source import ParseSpots, SpotRecords, epoch_loader
@@ -43,29 +38,12 @@ from data_pipelines.tfds_dataset import dataset_metadata
 from stimage_jax import distributed
 from stimage_jax.config import RunConfig
 from stimage_jax.ensemble.model import EnsembleModel
-from stimage_jax.ensemble.stacked import (
-    AUGMENT_STREAM,
-    member_mesh,
-    record_epoch,
-    resolve_strategy,
-    unstack_members,
-    update_early_stopping,
-)
-from stimage_jax.ensemble.train import LOSSES, SpotLoss, TrainConfig, adam
+from stimage_jax.ensemble.stacked import fit_ensemble, resolve_strategy, unstack_members
+from stimage_jax.ensemble.train import TrainConfig
 from stimage_jax.features.extract import extract_features, weights_fingerprint
 from stimage_jax.features.registry import create_backbone
-from stimage_jax.training import (
-    Checkpointer,
-    CheckpointMeta,
-    TrainState,
-    concat_members,
-    keep_best,
-    members_eval_step,
-    members_train_step,
-    split_members,
-)
 
-__all__ = ["DatasetTiles", "MemberOrder", "StreamOptions", "fit_streamed", "train_from_dataset"]
+__all__ = ["DatasetTiles", "MemberOrder", "StreamBatches", "StreamOptions", "fit_streamed", "train_from_dataset"]
 
 STREAM_CHECKPOINTS = "streamed"  # ckpt_dir/<this>: counted in optimiser steps (fit_ensemble's are epochs)
 
@@ -136,6 +114,86 @@ class DatasetTiles:
         return np.stack([self._tile(j) for j in idx])
 
 
+class StreamBatches:
+    """:func:`~stimage_jax.ensemble.stacked.fit_ensemble`'s data (see
+    :class:`~stimage_jax.ensemble.stacked.ArrayBatches`) streamed from an exported dataset:
+    one grain loader per member over ``train_records``, member ``m``'s epoch order
+    :class:`MemberOrder` ``(keys[m])`` cut into the in-RAM loop's padded batches. With several
+    processes each reads only the rows of each batch its devices hold (``open(rows, ...)``).
+    Counted in optimiser steps, with a checkpoint every ``options.checkpoint_steps`` steps;
+    ``state()`` is each member loader's grain iterator state.
+    ``on_batch(member, epoch, records)``: the record keys a member trains on (tests).
+    """
+
+    unit, folder, local_reads, label = "step", STREAM_CHECKPOINTS, True, ", streamed"
+
+    def __init__(self, directory, train_records, val_records, *, keys: jax.Array, batch_size: int,
+                 eval_batch_size: int, num_epochs: int, options: StreamOptions | None = None,
+                 on_batch: Callable | None = None):
+        self.directory, self.keys, self.options = directory, keys, options or StreamOptions()
+        self.records = np.asarray(train_records, np.int64)
+        self.val_records = np.zeros(0, np.int64) if val_records is None else np.asarray(val_records, np.int64)
+        self.batch_size, self.eval_batch_size, self.num_epochs = int(batch_size), int(eval_batch_size), int(num_epochs)
+        self.n, self.n_val = len(self.records), len(self.val_records)
+        self.per_epoch = -(-self.n // self.batch_size)
+        self.checkpoint_steps = int(self.options.checkpoint_steps)
+        self.on_batch = on_batch
+        meta = dataset_metadata(directory)
+        px = int(meta["tile_px"])
+        self.row_specs = (((px, px, 3), np.dtype(np.uint8)), ((len(meta["genes"]),), np.dtype(np.float32)),
+                          ((), np.dtype(np.float32)))
+        self._its: list = []
+        self._val_rows = None
+
+    def open(self, rows=None, val_rows=None, state=None) -> None:
+        """Start each member's loader (``rows[m]``: the batch rows read here, None: all; an
+        empty array: none) and continue from ``state`` (a :meth:`state` of an earlier run)."""
+        o, n_mem = self.options, int(self.keys.shape[0])
+        rows = [None] * n_mem if rows is None else rows
+        self._val_rows = val_rows
+        self._its = [None if r is not None and not len(r) else iter(epoch_loader(
+            self.directory, self.records, batch_size=self.batch_size, num_epochs=self.num_epochs,
+            order=MemberOrder(self.keys[m]), fields=("tile", "counts"), worker_count=o.worker_count,
+            read_threads=o.read_threads, prefetch=o.prefetch, rows=r)) for m, r in enumerate(rows)]
+        if state is None:
+            return
+        if len(state) != n_mem:
+            raise StimageError(f"the checkpoint holds {len(state)} readers for {n_mem} members; delete it to retrain")
+        for it, st in zip(self._its, state):
+            if (it is None) != (st is None):
+                raise StimageError("the checkpoint's readers were spread over the devices differently; "
+                                   "resume on the same devices or delete it to retrain")
+            if it is None:
+                continue
+            try:
+                it.set_state(json.dumps(st).encode())
+            except ValueError as e:  # grain: another sampler/source than the checkpoint's
+                raise StimageError(f"the checkpoint was written for other data ({str(e).splitlines()[0]}); "
+                                   "delete it to retrain") from None
+
+    def train(self, epoch: int, start: int, active: np.ndarray):
+        for _ in range(start, self.per_epoch):
+            parts: list = [None] * len(self._its)
+            for m in np.flatnonzero(active):
+                if self._its[m] is None:
+                    continue
+                b = next(self._its[m])
+                if self.on_batch is not None:
+                    self.on_batch(int(m), epoch, b["record"][b["weight"] > 0])
+                parts[m] = (b["tile"], b["counts"], b["weight"])
+            yield parts
+
+    def val(self):
+        o = self.options
+        for b in epoch_loader(self.directory, self.val_records, batch_size=self.eval_batch_size, num_epochs=1,
+                              shuffle=False, fields=("tile", "counts"), read_threads=o.read_threads,
+                              prefetch=o.prefetch, rows=self._val_rows):
+            yield b["tile"], b["counts"], b["weight"]
+
+    def state(self) -> list:
+        return [None if it is None else json.loads(it.get_state()) for it in self._its]
+
+
 def fit_streamed(members: nnx.Module, directory: str | os.PathLike, train_records: Sequence[int],
                  val_records: Sequence[int] | None = None, *, keys: jax.Array, config: TrainConfig | None = None,
                  strategy: str = "vmap", ckpt_dir: str | Path | None = None, set_train_mode: Callable | None = None,
@@ -144,152 +202,23 @@ def fit_streamed(members: nnx.Module, directory: str | os.PathLike, train_record
                  on_epoch: Callable | None = None):
     """Train stacked ``members`` (leading axis M) on the dataset's records in place → ``(members, histories)``.
 
-    As :func:`~stimage_jax.ensemble.stacked.fit_ensemble` for ``x, y`` = the tiles and counts of
-    ``train_records`` / ``val_records`` (one process), reading them through grain. Checkpoints
-    (``ckpt_dir/streamed``, counted in optimiser steps) every ``options.checkpoint_steps`` steps
-    and every ``checkpoint_every`` epochs and at the end, each with the members' iterator states.
-    ``on_step(step)`` runs after each step's checkpoint, ``on_batch(member, epoch, records)``
-    with the record keys each member trains on, ``on_epoch(member, epoch, record)`` after each
-    epoch (tests use them to interrupt and to watch the data).
+    :func:`~stimage_jax.ensemble.stacked.fit_ensemble` (the same loop) for ``x, y`` = the
+    tiles and counts of ``train_records`` / ``val_records``, read through grain
+    (:class:`StreamBatches`); with several processes each reads only its devices' rows.
+    Checkpoints (``ckpt_dir/streamed``, counted in optimiser steps) every
+    ``options.checkpoint_steps`` steps and every ``checkpoint_every`` epochs and at the end,
+    each with every process's reader states. ``on_step(step)`` runs after each step's
+    checkpoint, ``on_batch(member, epoch, records)`` with the record keys each member trains
+    on, ``on_epoch(member, epoch, record)`` after each epoch (tests use them to interrupt and
+    to watch the data).
     """
     config = config or TrainConfig()
-    if strategy not in ("vmap", "loop"):
-        raise StimageError(f"strategy must be 'vmap' or 'loop' here, got {strategy!r}")
-    if config.loss not in LOSSES:
-        raise StimageError(f"unknown loss {config.loss!r}; choose from {sorted(LOSSES)}")
-    if distributed.is_multiprocess():
-        raise StimageError("streamed fine-tuning runs in one process (several processes: fit_ensemble)")
-    opt = options or StreamOptions()
-    n_mem, bs = int(keys.shape[0]), int(config.batch_size)
-    groups = [(0, n_mem)] if strategy == "vmap" else [(m, m + 1) for m in range(n_mem)]
-    mesh = member_mesh(n_mem, bs) if strategy == "vmap" and n_mem > 1 else None
-    state = TrainState.create(members, adam(float(config.lr)), SpotLoss(config.loss),
-                              set_train_mode=set_train_mode, n_members=n_mem)
-    best = jax.tree.map(jnp.copy, state.params)
-    train_records = np.asarray(train_records, np.int64)
-    val_records = None if val_records is None else np.asarray(val_records, np.int64)
-    has_val = val_records is not None and len(val_records) > 0
-    n = len(train_records)
-    per_epoch = -(-n // bs)
-
-    if mesh is not None:
-        def put(tree, spec):
-            return jax.device_put(tree, NamedSharding(mesh, spec))
-        shard_members = lambda t: jax.tree.map(
-            lambda a: put(a, PS("member") if a.ndim and a.shape[0] == n_mem else PS()), t)
-        state, best = shard_members(state), shard_members(best)
-    else:
-        def put(tree, spec):
-            return tree
-
-    epoch, batch_i = 0, 0
-    tot = np.zeros(n_mem)
-    stop = {"best_val": np.full(n_mem, np.inf), "bad_epochs": np.zeros(n_mem, np.int64),
-            "done": np.zeros(n_mem, bool)}
-    histories: list[list[dict]] = [[] for _ in range(n_mem)]
-    iter_states = None
-    loaders = [epoch_loader(directory, train_records, batch_size=bs, num_epochs=config.max_epochs,
-                            order=MemberOrder(keys[m]),
-                            fields=("tile", "counts"), worker_count=opt.worker_count, read_threads=opt.read_threads,
-                            prefetch=opt.prefetch) for m in range(n_mem)]
-    with contextlib.ExitStack() as stack:
-        ckpt = None
-        if ckpt_dir is not None:
-            ckpt = stack.enter_context(Checkpointer(Path(ckpt_dir) / STREAM_CHECKPOINTS, unit="step"))
-        if ckpt is not None and (got := ckpt.restore({"state": state.arrays(), "best": best})) is not None:
-            arrays, meta = got
-            state, best = state.with_arrays(arrays["state"]), arrays["best"]
-            stop = {k: np.asarray(meta.early_stopping[k], v.dtype) for k, v in stop.items()}
-            histories = [list(h) for h in meta.histories]
-            ds = meta.data_state
-            epoch, batch_i, tot = int(ds["epoch"]), int(ds["batch"]), np.asarray(ds["loss_sum"], np.float64)
-            iter_states = ds["iterators"]
-        its = [iter(ld) for ld in loaders]
-        if iter_states is not None:
-            for it, st in zip(its, iter_states):
-                try:
-                    it.set_state(json.dumps(st).encode())
-                except ValueError as e:  # grain: another sampler/source than the checkpoint's
-                    raise StimageError(f"checkpoint {ckpt.directory} was written for other data "
-                                       f"({str(e).splitlines()[0]}); delete it to retrain") from None
-        states, bests = split_members(state, groups), split_members(best, groups)
-
-        def save():
-            step = epoch * per_epoch + batch_i
-            if ckpt is None or ckpt.latest_step() == step:
-                return
-            data_state = {"epoch": epoch, "batch": batch_i, "loss_sum": tot.tolist(), "batches_per_epoch": per_epoch,
-                          "iterators": [json.loads(it.get_state()) for it in its]}
-            ckpt.save(step, {"state": concat_members(states).arrays(), "best": concat_members(bests)},
-                      CheckpointMeta(step=step, unit="step", histories=histories, data_state=data_state,
-                                     early_stopping={k: v.tolist() for k, v in stop.items()}))
-
-        bar = stack.enter_context(tqdm(total=config.max_epochs * per_epoch, initial=epoch * per_epoch + batch_i,
-                                       desc=f"{n_mem} members ({strategy}, streamed)", disable=not progress,
-                                       leave=False))
-        batch_spec, val_spec = PS("member", "batch"), PS("batch")
-        while not stop["done"].all() and epoch < config.max_epochs:
-            active = ~stop["done"]
-            live = [gi for gi, (g0, g1) in enumerate(groups) if active[g0:g1].any()]
-            active_j = {gi: put(jnp.asarray(active[g0:g1]), PS("member")) for gi, (g0, g1) in enumerate(groups)}
-            while batch_i < per_epoch:
-                parts: list = [None] * n_mem
-                for m in np.flatnonzero(active):
-                    b = next(its[m])
-                    if on_batch is not None:
-                        on_batch(int(m), epoch, b["record"][b["weight"] > 0])
-                    tiles = b["tile"]
-                    if augment is not None:
-                        from data_pipelines.augmentation import augment as augment_tiles
-
-                        # as fit_ensemble: each member's own stream, keyed (member, epoch, batch)
-                        tiles = np.asarray(augment_tiles(jax.random.fold_in(jax.random.fold_in(jax.random.fold_in(
-                            keys[m], epoch), AUGMENT_STREAM), batch_i), tiles, augment))
-                    parts[m] = (tiles, b["counts"], b["weight"])
-                filler = next(p for p in parts if p is not None)
-                parts = [filler if p is None else p for p in parts]  # stopped members: masked out (vmap)
-                for gi in live:
-                    g0, g1 = groups[gi]
-                    batch = tuple(put(jnp.stack([q[i] for q in parts[g0:g1]]), batch_spec) for i in range(3))
-                    states[gi], metrics = members_train_step(states[gi], batch, active_j[gi])
-                    tot[g0:g1] += np.asarray(metrics["loss"]).astype(np.float64) * np.asarray(filler[2]).sum()
-                batch_i += 1
-                bar.update(1)
-                step = epoch * per_epoch + batch_i
-                if opt.checkpoint_steps and step % opt.checkpoint_steps == 0:
-                    save()
-                if on_step is not None:  # after the checkpoint: an interrupt here loses nothing saved
-                    on_step(step)
-            train_loss = tot / n
-            val = np.full(n_mem, math.nan)
-            if has_val:
-                acc = np.zeros(n_mem)
-                for b in epoch_loader(directory, val_records, batch_size=config.eval_batch_size, num_epochs=1,
-                                      shuffle=False, fields=("tile", "counts"), read_threads=opt.read_threads,
-                                      prefetch=opt.prefetch):
-                    batch = (put(b["tile"], val_spec), put(b["counts"], val_spec), put(b["weight"], val_spec))
-                    for gi in live:
-                        g0, g1 = groups[gi]
-                        acc[g0:g1] += np.asarray(members_eval_step(states[gi], batch)["loss_sum"]).astype(np.float64)
-                val = acc / len(val_records)
-                improved = update_early_stopping(stop, val, active, config.patience)
-                for gi in live:
-                    g0, g1 = groups[gi]
-                    bests[gi] = keep_best(put(jnp.asarray(improved[g0:g1]), PS("member")), states[gi].params,
-                                          bests[gi])
-            record_epoch(histories, active, epoch, train_loss, val)
-            epoch, batch_i, tot = epoch + 1, 0, np.zeros(n_mem)
-            bar.set_postfix(active=int((~stop["done"]).sum()), train=f"{np.mean(train_loss[active]):.4f}")
-            if stop["done"].all() or epoch % config.checkpoint_every == 0:
-                save()
-            if on_epoch is not None:
-                for m in np.flatnonzero(active):
-                    on_epoch(int(m), epoch - 1, histories[m][-1])
-        save()
-    final, state = concat_members(bests if has_val else [s.params for s in states]), concat_members(states)
-    nnx.update(members, nnx.state(state.module(params=final)))
-    members.eval()
-    return members, histories
+    data = StreamBatches(directory, train_records, val_records, keys=keys, batch_size=config.batch_size,
+                         eval_batch_size=config.eval_batch_size, num_epochs=config.max_epochs, options=options,
+                         on_batch=on_batch)
+    return fit_ensemble(members, keys=keys, config=config, strategy=strategy, ckpt_dir=ckpt_dir,
+                        set_train_mode=set_train_mode, progress=progress, on_epoch=on_epoch, augment=augment,
+                        data=data, on_step=on_step)
 
 
 def train_from_dataset(directory: str | os.PathLike, workdir: str | os.PathLike, cfg: RunConfig, *,
@@ -350,12 +279,8 @@ def train_from_dataset(directory: str | os.PathLike, workdir: str | os.PathLike,
         strategy = resolve_strategy(cfg.strategy, trains_backbone=True)
         mcfg = P._model_config(run, strategy)
         mcfg["dataset"] = {"digest": meta["digest"], "format": meta["format"]}
-        if distributed.is_multiprocess():  # the batch spans processes: fit_ensemble on the lazy view
-            trained, logs, best_epochs = P._fit_sources(run, mcfg, {src["name"]: bb}, feats, workdir,
-                                                        workdir / "cache", progress)
-        else:
-            trained, logs, best_epochs = _fit_streamed_source(directory, run, mcfg, src, {src["name"]: bb}, feats, workdir,
-                                                              progress, options, hooks)
+        trained, logs, best_epochs = _fit_streamed_source(directory, run, mcfg, src, {src["name"]: bb}, feats,
+                                                          workdir, progress, options, hooks)
         mcfg["best_epochs"] = best_epochs
         mcfg["trained_at"] = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
         model = EnsembleModel(mcfg, {}, trained)

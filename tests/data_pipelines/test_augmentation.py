@@ -15,7 +15,7 @@ import scipy.ndimage as ndi
 from skimage import color
 
 from data_pipelines.augmentation import (
-    RUIFROK_HE, AugmentConfig, affine_warp, apply_params, augment, augment_views, gaussian_blur,
+    RUIFROK_HE, AugmentConfig, affine_warp, apply_params, augment, augment_rows, augment_views, gaussian_blur,
     hed_jitter, sample_params,
 )
 from data_pipelines.errors import StimageError
@@ -100,6 +100,18 @@ def test_augment_views_are_augment_with_split_keys():
     for i, k in enumerate(jax.random.split(key, 3)):
         assert np.array_equal(as_np(v[i]), as_np(augment(k, x, cfg)))
     assert not np.array_equal(as_np(v[0]), as_np(v[1]))
+
+
+def test_rows_of_a_batch_augment_as_in_the_whole_batch():
+    """A process holding rows 1 and 3 of a 4-tile batch (several hosts) augments them exactly
+    as one process augmenting the whole batch — every op on, noise fields included."""
+    x = x4()
+    key = jax.random.key(5)
+    whole = as_np(augment(key, x, FULL))
+    rows = np.array([1, 3])
+    got = as_np(augment_rows(key, x[rows], rows, 4, FULL))
+    assert np.array_equal(got, whole[rows])
+    assert not np.array_equal(got, as_np(augment(key, x[rows], FULL)))  # not a 2-tile batch of its own
 
 
 def test_map_and_vmap_batching_give_the_same_tiles():
