@@ -100,8 +100,12 @@ def nucleus_segments(instances: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 def explain_tile(model, tile: np.ndarray, gene: str, *, num_samples: int = 1000, seed: int = 0,
                  batch_size: int = 50, progress: bool = True,
-                 on_batch: Callable[[int, int], None] | None = None) -> dict:
+                 on_batch: Callable[[int, int], None] | None = None,
+                 segment: Callable[[np.ndarray, float], np.ndarray] | None = None) -> dict:
     """Segment the tile's nuclei and explain ``gene``'s prediction over them.
+
+    ``segment(tile, mpp) -> (H, W) instances`` is the nucleus segmenter
+    (:func:`export.runtime.segmenters.make_segmenter`; the classical one when None).
 
     tile: (tile_px, tile_px, 3) uint8, as the model reads it. Returns ``table`` (a DataFrame,
     one row per nucleus: :data:`TABLE_COLUMNS`, areas in µm² from the model's
@@ -116,7 +120,7 @@ def explain_tile(model, tile: np.ndarray, gene: str, *, num_samples: int = 1000,
 
     fn = gene_forward_fn(model, gene)
     mpp = float(model.tile_um) / int(model.tile_px)
-    instances = np.asarray(segment_nuclei(tile, mpp=mpp), np.int32)
+    instances = np.asarray(segment(tile, mpp) if segment is not None else segment_nuclei(tile, mpp=mpp), np.int32)
     ids, segments = nucleus_segments(instances)
     # through the same padded batch shape as the perturbations: no second compilation
     value = float(np.asarray(fn(np.repeat(np.asarray(tile, np.float32)[None], batch_size, 0)))[0])

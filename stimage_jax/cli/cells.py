@@ -211,4 +211,8 @@ def add_parser(subparsers, parents: tuple = ()) -> argparse.ArgumentParser:
     x.add_argument("--force", action="store_true", help="write the int8 model even when the gate fails")
     add_overwrite(x)
     x.set_defaults(func=cmd_cells_export)
+
+    from stimage_jax.cli import cells_cellpose  # cellpose 3 from scratch (torch, optional extra)
+
+    cells_cellpose.add_parser(sub, parents)
     return c

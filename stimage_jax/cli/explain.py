@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from data_pipelines.errors import StimageError
+from export.runtime.segmenters import add_nuclei_options
 from stimage_jax.cli.common import positive_int, quiet
 
 
@@ -20,6 +21,7 @@ def add_parser(sub, parents) -> None:
                     help="perturbations (LIME, default 1000) or noisy copies (SmoothGrad, default 25)")
     ex.add_argument("--seed", type=int, default=0)
     ex.add_argument("--out", required=True, help="output folder")
+    add_nuclei_options(ex)  # LIME's segments are these nuclei
     ex.set_defaults(func=run)
 
 
@@ -37,6 +39,11 @@ def run(a) -> None:
     from data_pipelines.io import check_writable
 
     check_writable(Path(a.out) / ".stimage-explain", overwrite=True)  # the folder can be made, before any work
+    if a.method != "lime" and (a.nuclei != "classical" or a.cellpose_model):
+        raise StimageError("--nuclei/--cellpose-model choose LIME's segments: they need --method lime")
+    from export.runtime.segmenters import segmenter_from_args
+
+    segment = segmenter_from_args(a) if a.method == "lime" else None  # a bad model file stops here
     model = load_model(a.model)  # LIME is forward passes only: an .onnx runs them fastest on CPU
     if a.gene not in model.genes:
         raise StimageError(f"gene {a.gene!r} is not predicted by this model ({', '.join(model.genes[:5])}, ...)")
@@ -51,6 +58,6 @@ def run(a) -> None:
         from stimage_jax.explain.lime_nuclei import explain_lime
 
         res = explain_lime(model, tile, a.gene, a.out, name=name, seed=a.seed, num_samples=a.samples or 1000,
-                           progress=not quiet(a))
+                           progress=not quiet(a), segment=segment)
         print(f"LIME over {res['n_nuclei']} nuclei for {a.gene} (predicted {res['value']:.3f}): "
               f"{res['note']}-> {res['png']}, {res['csv']}")

@@ -47,11 +47,12 @@ def _overlay(tile, instances, weights_by_id, path, title):
 
 
 def explain_lime(model, tile: np.ndarray, gene: str, out_dir: str | os.PathLike, *, name: str, seed: int = 0,
-                 num_samples: int = 1000, batch_size: int = 50, progress: bool = True) -> dict:
-    """Segment, explain, write ``<name>_<gene>_lime.csv`` (one row per nucleus: id, area
-    in px and µm², centroid x/y px, LIME weight) and ``<name>_<gene>_lime.png``."""
+                 num_samples: int = 1000, batch_size: int = 50, progress: bool = True, segment=None) -> dict:
+    """Segment (``segment(tile, mpp)``, the classical segmenter when None), explain, write
+    ``<name>_<gene>_lime.csv`` (one row per nucleus: id, area in px and µm², centroid x/y
+    px, LIME weight) and ``<name>_<gene>_lime.png``."""
     res = explain_tile(model, tile, gene, num_samples=num_samples, seed=seed, batch_size=batch_size,
-                       progress=progress)
+                       progress=progress, segment=segment)
     table, instances, by_id, score = res["table"], res["instances"], res["weights_by_id"], res["score"]
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)

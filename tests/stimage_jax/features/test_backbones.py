@@ -238,16 +238,45 @@ def test_import_errors(resnet_file, tmp_path):
     assert "\n" not in str(info.value)  # the CLI prints one line
 
 
-def test_pth_without_torch_says_what_to_do(tmp_path):
-    try:
-        import torch  # noqa: F401
-        pytest.skip("torch is installed: .pth files load")
-    except ImportError:
-        pass
+def test_pth_without_torch_says_what_to_do(tmp_path, monkeypatch):
+    # torch is installed in CI (the cellpose extra): hide it, as an environment without it would
+    import sys
+
+    monkeypatch.setitem(sys.modules, "torch", None)  # `import torch` now raises ImportError
     p = tmp_path / "resnet50.pth"
     p.write_bytes(b"not really a pickle")
-    with pytest.raises(StimageError, match="torch is not installed; convert it with safetensors"):
+    with pytest.raises(StimageError, match="torch is not installed; convert it with safetensors") as info:
         create_backbone("resnet50", rngs=nnx.Rngs(0), weights=p)
+    assert "\n" not in str(info.value)
+
+
+def test_pth_with_torch_loads_like_safetensors(tmp_path):
+    """With torch, a .pth state dict (and a training checkpoint nesting it) reads as the same
+    arrays as its safetensors copy; a damaged one is one line."""
+    torch = pytest.importorskip("torch")  # in the cellpose extra, so it runs in CI
+    from safetensors.numpy import save_file
+
+    from stimage_jax.features.weights import read_state_dict
+
+    rng = np.random.default_rng(0)
+    sd = {"conv1.weight": rng.normal(size=(4, 3, 7, 7)).astype(np.float32), "bn1.num_batches_tracked": np.array(3)}
+    save_file(sd, str(tmp_path / "w.safetensors"))
+    torch.save({k: torch.from_numpy(v) for k, v in sd.items()}, tmp_path / "w.pth")
+    # a float64 training checkpoint: floats come back float32, the integer counter stays integer
+    torch.save({"state_dict": {k: torch.from_numpy(v.astype(np.float64) if v.dtype == np.float32 else v)
+                               for k, v in sd.items()}}, tmp_path / "ckpt.pt")
+    want = read_state_dict(tmp_path / "w.safetensors")
+    for name in ("w.pth", "ckpt.pt"):
+        got = read_state_dict(tmp_path / name)
+        assert sorted(got) == sorted(want)
+        for k in want:
+            np.testing.assert_array_equal(got[k], want[k])
+            assert got[k].dtype == want[k].dtype
+    bad = tmp_path / "bad.pth"
+    bad.write_bytes(b"not really a pickle")
+    with pytest.raises(StimageError, match="is not a readable PyTorch checkpoint") as info:
+        read_state_dict(bad)
+    assert "\n" not in str(info.value)
 
 
 @pytest.mark.filterwarnings("ignore::DeprecationWarning")  # jax2onnx's own use of Variable.value
