@@ -44,7 +44,7 @@ from stimage_jax.features.extract import cached_features, weights_fingerprint
 from stimage_jax.features.tta import tta_features
 from stimage_jax.features.registry import BACKBONES, DEFAULT_WEIGHTS, create_backbone
 from stimage_jax.genes import select_genes
-from stimage_jax.nb.head import init_head_from_data
+from stimage_jax.nb.head import init_head_from_data, init_head_from_moments
 
 __all__ = ["train", "predict", "train_classifier", "predict_classifier", "load_model", "provenance",
            "split_samples", "counts_matrix", "sample_features", "run_config"]
@@ -226,6 +226,9 @@ class _Run:
     # validation tiles by is_val, instead of reading and tiling ``adatas``
     counts: list | None = None
     tiles_for: object = None
+    # --dataset: the training features' (mean, std), accumulated in chunks over the stream
+    # (stimage_jax.ensemble.dataset_train) instead of held as arrays
+    feature_stats: tuple | None = None
 
     @property
     def backbone_sources(self) -> list[dict]:
@@ -398,7 +401,9 @@ def _members_for(run: _Run, mcfg: dict, src: dict, si: int, backbones, feats, y_
     """One source's untrained stacked members and their training arrays:
     (members, x_train, y_train, x_val, set_train_mode, member ids, per-member keys)."""
     c, f = run.cfg, run.cfg.features
-    f_tr, f_va = _pick(feats[src["name"]], run.is_val, False), _pick(feats[src["name"]], run.is_val, True)
+    f_tr = f_va = None
+    if run.feature_stats is None:
+        f_tr, f_va = _pick(feats[src["name"]], run.is_val, False), _pick(feats[src["name"]], run.is_val, True)
     ids = [si * c.members + m for m in range(c.members)]   # global member index: distinct seeds
     init_keys = jnp.stack([jax.random.fold_in(jax.random.fold_in(key, i), 0) for i in ids])
     train_keys = jnp.stack([jax.random.fold_in(jax.random.fold_in(key, i), 1) for i in ids])
@@ -407,7 +412,10 @@ def _members_for(run: _Run, mcfg: dict, src: dict, si: int, backbones, feats, y_
             a, **run.geometry, cache_dir=cache / "tiles", progress=False, stain=run.stain_ref)) for a in run.adatas]
         stacked = stack_members([build_member(mcfg, rngs=nnx.Rngs(k), source=src, backbone=create_backbone(
             src["backbone"], rngs=nnx.Rngs(0), weights=src["weights"])) for k in init_keys])
-        init_head_from_data(stacked.head, f_tr, y_tr, loss=c.train.loss)
+        if run.feature_stats is not None:
+            init_head_from_moments(stacked.head, *run.feature_stats, y_tr, loss=c.train.loss)
+        else:
+            init_head_from_data(stacked.head, f_tr, y_tr, loss=c.train.loss)
         mode = lambda net: (net.train(), net.backbone.eval())  # noqa: E731  BN statistics stay frozen
         x_tr, x_va = ((run.tiles_for(False), run.tiles_for(True)) if run.tiles_for is not None
                       else (_pick(tiles, run.is_val, False), _pick(tiles, run.is_val, True)))

@@ -29,6 +29,7 @@ import jax
 import numpy as np
 import pandas as pd
 from flax import nnx
+from tqdm.auto import tqdm
 
 from data_pipelines.errors import StimageError
 from data_pipelines.grain_source import ParseSpots, SpotRecords, epoch_loader
@@ -271,10 +272,12 @@ def train_from_dataset(directory: str | os.PathLike, workdir: str | os.PathLike,
         if done is not None:
             return done
         bb = create_backbone(src["backbone"], rngs=nnx.Rngs(cfg.seed), weights=src["weights"])
-        # the head starts from the frozen backbone's features of every spot, per sample (as the h5ad path)
-        feats = {src["name"]: [extract_features(bb, DatasetTiles(directory, np.arange(*ranges[s]), px),
-                                                batch_size=f.feature_batch_size, progress=progress,
-                                                desc=f"features {s}") for s in samples]}
+        # the head starts from the frozen backbone's features of the training spots (as the h5ad
+        # path), reduced to their mean and std chunk by chunk, each process its share
+        train_records = np.concatenate([np.arange(*ranges[s]) for s in samples if s not in val])
+        run.feature_stats = training_feature_stats(bb, directory, train_records, px,
+                                                   batch_size=f.feature_batch_size, progress=progress)
+        feats = {src["name"]: None}
         src["num_features"] = int(bb.num_features)
         strategy = resolve_strategy(cfg.strategy, trains_backbone=True)
         mcfg = P._model_config(run, strategy)
@@ -290,6 +293,28 @@ def train_from_dataset(directory: str | os.PathLike, workdir: str | os.PathLike,
             model.save(workdir / "model")
         distributed.barrier("stimage-model-saved")
     return model
+
+
+def training_feature_stats(backbone, directory, records: np.ndarray, tile_px: int, *, batch_size: int,
+                           progress: bool = True, chunk: int = 2048) -> tuple[np.ndarray, np.ndarray]:
+    """The frozen ``backbone``'s features of dataset ``records`` → their (mean, population std)
+    (D,) in float64, without holding them: features of ``chunk`` records at a time reduced to
+    moments and merged (:func:`~stimage_jax.nb.head.merge_moments`). With several processes
+    each extracts every P-th record and the moments are merged across processes, so no host
+    repeats another's work."""
+    from stimage_jax.nb.head import feature_moments, merge_moments
+
+    mine = np.asarray(records, np.int64)[jax.process_index()::jax.process_count()]
+    parts = []
+    with tqdm(total=len(mine), desc="features (head start)", disable=not progress, leave=False) as bar:
+        for s in range(0, len(mine), chunk):
+            view = DatasetTiles(directory, mine[s:s + chunk], tile_px)
+            parts.append(feature_moments(extract_features(backbone, view, batch_size=batch_size, progress=False)))
+            bar.update(len(view))
+    n, mean, m2 = merge_moments(parts) if any(k for k, _, _ in parts) else (0, None, None)
+    every = distributed.gather_json([n, None if mean is None else mean.tolist(), None if m2 is None else m2.tolist()])
+    n, mean, m2 = merge_moments([(k, mu, q) for k, mu, q in every if k])
+    return mean, np.sqrt(m2 / n)
 
 
 def _fit_streamed_source(directory, run, mcfg: dict, src: dict, backbones, feats, workdir: Path, progress: bool,
