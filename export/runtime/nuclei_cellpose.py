@@ -42,7 +42,7 @@ from data_pipelines.errors import StimageError
 from export.runtime.nuclei import DEFAULT_MPP
 
 __all__ = ["INSTALL", "MPP_KEY", "WIDTHS", "CellposeParams", "CellposeNuclei", "cellpose_input",
-           "load_cellpose_model", "segment_nuclei_cellpose", "train_cellpose"]
+           "load_cellpose_model", "segment_nuclei_cellpose", "train_cellpose", "check_widths"]
 
 # cellpose 3.1.1.3 declares numpy<2.1, a stale cap (its numba runs on our numpy 2.4): its real
 # dependencies come from the extra, cellpose itself without its declared ones.
@@ -196,6 +196,14 @@ def segment_nuclei_cellpose(rgb_uint8: np.ndarray, *, mpp: float | None = None, 
     return lut[masks]
 
 
+def check_widths(widths: Sequence[int]) -> tuple[int, ...]:
+    """CPnet widths: 4 positive integers, the last 256 (cellpose's tiling sizes the style vector so)."""
+    widths = tuple(int(w) for w in widths)
+    if len(widths) != 4 or widths[-1] != 256 or min(widths) < 1:
+        raise StimageError(f"cellpose widths {widths} must be 4 positive numbers ending in 256")
+    return widths
+
+
 class _EpochBar(logging.Handler):
     """cellpose's trainer has no callback; it logs "<epoch>, train_loss=..." every 5-10 epochs."""
 
@@ -230,9 +238,7 @@ def train_cellpose(images: Sequence[np.ndarray], labels: Sequence[np.ndarray], o
     out = check_writable(out, overwrite)
     if len(images) != len(labels) or not images:
         raise StimageError(f"train_cellpose needs as many label maps as images (got {len(images)}, {len(labels)})")
-    widths = tuple(int(w) for w in widths)
-    if len(widths) != 4 or widths[-1] != 256 or min(widths) < 1:
-        raise StimageError(f"cellpose widths {widths} must be 4 positive numbers ending in 256")
+    widths = check_widths(widths)
     if epochs < 1 or batch_size < 1 or bsize < 16 or bsize % 16:
         raise StimageError("train_cellpose needs epochs ≥ 1, batch_size ≥ 1 and bsize a multiple of 16")
     if not (np.isfinite(mpp) and mpp > 0):

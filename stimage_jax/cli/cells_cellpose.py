@@ -32,10 +32,10 @@ def run(a) -> int:
     from data_pipelines.io import check_writable
     from data_pipelines.monuseg import list_monuseg, load_monuseg_pair, monuseg_mpp
     from export.runtime.nuclei import DEFAULT_MPP
-    from export.runtime.nuclei_cellpose import _cellpose, train_cellpose
+    from export.runtime.nuclei_cellpose import _cellpose, check_widths, train_cellpose
 
     try:
-        widths = tuple(int(w) for w in a.widths.split(","))
+        widths = check_widths(a.widths.split(","))
     except ValueError:
         raise StimageError(f"--widths {a.widths!r} must be 4 comma-separated integers, e.g. 32,64,128,256") from None
     check_writable(a.out, a.overwrite)
