@@ -70,6 +70,7 @@ def main() -> None:
     ap.add_argument("--widths", default="16,32,64,256")
     ap.add_argument("--lr", type=float, default=0.02)
     ap.add_argument("--bsize", type=int, default=112)
+    ap.add_argument("--epochs", type=int, help="train this many epochs instead of calibrating to --minutes")
     ap.add_argument("--model", help="a trained cellpose model: skip training")
     ap.add_argument("--save-model", help="keep the trained model here")
     a = ap.parse_args()
@@ -87,10 +88,14 @@ def main() -> None:
         widths = tuple(int(w) for w in a.widths.split(","))
         tmp = Path(tempfile.mkdtemp(prefix="nuclei-seg-"))
         kw = dict(mpp=mpp, widths=widths, learning_rate=a.lr, bsize=a.bsize, overwrite=True)
-        t = time.perf_counter()
-        train_cellpose(images, labels, tmp / "calib.pt", epochs=3, **kw)
-        s_epoch = (time.perf_counter() - t) / 3  # includes computing the flows once: an overestimate
-        epochs = max(10, int(a.minutes * 60 / s_epoch))
+        if a.epochs:
+            epochs = a.epochs
+        else:
+            t = time.perf_counter()
+            train_cellpose(images, labels, tmp / "calib.pt", epochs=3, **kw)
+            # includes computing the flows once (~20 s): an overestimate, by several times on an idle machine
+            s_epoch = (time.perf_counter() - t) / 3
+            epochs = max(10, int(a.minutes * 60 / s_epoch))
         model_path = Path(a.save_model) if a.save_model else tmp / "cellpose.pt"
         t = time.perf_counter()
         r = train_cellpose(images, labels, model_path, epochs=epochs, **kw)
