@@ -27,6 +27,7 @@ NumPy + torch + cellpose; no JAX.
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import os
 import re
@@ -253,7 +254,12 @@ def train_cellpose(images: Sequence[np.ndarray], labels: Sequence[np.ndarray], o
     torch, _, resnet_torch, train = _cellpose()
     from tqdm.auto import tqdm
 
+    from cellpose import dynamics
+
     np_state = np.random.get_state()
+    saved_trange = train.trange, dynamics.trange  # cellpose draws its own bars (flows, diameters), no switch
+    if not progress:
+        train.trange = dynamics.trange = functools.partial(saved_trange[0], disable=True)
     logger = logging.getLogger("cellpose.train")
     bar = tqdm(total=epochs, desc="cellpose epochs", disable=not progress)
     handler, level = _EpochBar(bar), logger.level
@@ -273,6 +279,7 @@ def train_cellpose(images: Sequence[np.ndarray], labels: Sequence[np.ndarray], o
             state = torch.load(path, map_location="cpu", weights_only=True)
         bar.update(epochs - bar.n)
     finally:
+        train.trange, dynamics.trange = saved_trange
         logger.removeHandler(handler)
         logger.setLevel(level)
         bar.close()
