@@ -2,8 +2,9 @@
 
 cellpose 3's CPnet is trained FROM SCRATCH on the 13 MoNuSeg train tiles
 (``export.runtime.nuclei_cellpose.train_cellpose``: whole 1000² tiles, random 112-px crops
-rescaled to nuclei of 30 px, AdamW) for a bounded time: a short calibration run measures the
-seconds per epoch, then the real run gets ``--minutes`` worth of epochs. Both segmenters run
+rescaled to nuclei of 30 px, AdamW) for ``--epochs`` epochs, or for a bounded time: a short
+calibration run measures the seconds per epoch (counting the one-off flow computation, so it
+undershoots on an idle machine), then the real run gets ``--minutes`` worth of epochs. Both segmenters run
 at each tile's own µm/px and are scored with HoVer-Net's definitions
 (``stimage_jax.cells.instance_metrics``): mean Dice, AJI, PQ, detection F1 over tiles, and
 seconds per 1000² tile (segmentation only). cellpose is scored at its default flow check
@@ -11,14 +12,17 @@ seconds per 1000² tile (segmentation only). cellpose is scored at its default f
 briefly trained net needs). The HoVer-Net-style figures come from ``cells.py`` (30 min of
 training; not re-run here).
 
-Measured (2026-11-30, 2 shared Xeon cores with AVX-512/VNNI/AMX, load average 5-6 from other
-jobs; defaults below): 15 min bought only 34 epochs = 68 AdamW steps (batch 8, 112-px crops,
-widths 16-32-64-256, 5.2M parameters). Test Dice / AJI / PQ / F1: classical 0.757 / 0.531 /
-0.519 / 0.800 (0.4 s per tile); cellpose, flow check off 0.715 / 0.413 / 0.408 / 0.693; with
-cellpose's default flow check (0.4) 0.117 / 0.062 (a 68-step net's flows fail it); ~34 s per
-tile under that load.
+Measured (2026-11-30, 2 shared Xeon cores with AVX-512/VNNI/AMX; batch 8 of 112-px crops, widths
+16-32-64-256 = 5.2M parameters, AdamW lr 0.02). Test Dice / AJI / PQ / detection F1:
 
-Usage: python experiments/benchmarks/nuclei_segmenters.py [--minutes 15] [--widths 16,32,64,256]
+- classical: 0.757 / 0.531 / 0.519 / 0.800 (0.4 s per tile)
+- cellpose, ``--epochs 600`` = 1200 steps, 12 min at load ≈ 2: 0.786 / 0.586 / 0.603 / 0.844 with cellpose's
+  default flow check (8.3 s per tile); 0.788 / 0.589 / 0.593 / 0.811 with it off
+- cellpose, 112 epochs = 224 steps (2.7 min): 0.726 / 0.504 / 0.522 / 0.796 (flow check off: 0.759 / 0.529)
+- cellpose, 34 epochs = 68 steps (15 min at load 5-6): flow check off 0.715 / 0.413; default 0.117 / 0.062
+  (a briefly trained net's flows fail the check)
+
+Usage: python experiments/benchmarks/nuclei_segmenters.py [--epochs 600 | --minutes 15] [--widths 16,32,64,256]
        [--lr 0.02] [--bsize 112] [--model M.pt (skip training)] [--save-model M.pt]
 """
 
