@@ -18,6 +18,8 @@ def add_parser(sub, parents) -> None:
     t.add_argument("--out", required=True, help="model file (a cellpose 3 state dict, .pt)")
     t.add_argument("--epochs", type=positive_int, default=100, help="epochs (one random crop per tile each)")
     t.add_argument("--images-per-epoch", type=positive_int, help="crops per epoch (default one per tile)")
+    t.add_argument("--crop-px", type=positive_int, default=224,
+                   help="training crop side, a multiple of 16 (cellpose's 224; 112 is 4x cheaper per step)")
     t.add_argument("--lr", type=positive_float, default=0.005, help="AdamW learning rate (cellpose's default)")
     t.add_argument("--widths", default="32,64,128,256",
                    help="CPnet widths (cellpose's default; smaller is faster, the last stays 256)")
@@ -38,6 +40,8 @@ def run(a) -> int:
         widths = check_widths(a.widths.split(","))
     except ValueError:
         raise StimageError(f"--widths {a.widths!r} must be 4 comma-separated integers, e.g. 32,64,128,256") from None
+    if a.crop_px % 16:
+        raise StimageError(f"--crop-px {a.crop_px} must be a multiple of 16 (the network halves it 4 times)")
     check_writable(a.out, a.overwrite)
     _cellpose()  # a missing package is one line before the tiles are read
     pairs = list_monuseg(a.monuseg, "train")
@@ -49,6 +53,7 @@ def run(a) -> int:
         mpps.append(monuseg_mpp(xml) or DEFAULT_MPP)
     r = train_cellpose(images, labels, a.out, mpp=float(np.mean(mpps)), epochs=a.epochs,
                        images_per_epoch=a.images_per_epoch, widths=widths, learning_rate=a.lr, seed=a.seed,
+                       bsize=a.crop_px,
                        overwrite=a.overwrite, progress=not quiet(a))
     if not quiet(a):
         print(f"cellpose model ({len(images)} tiles, {a.epochs} epochs, final loss {r['train_losses'][-1]:.3f}, "

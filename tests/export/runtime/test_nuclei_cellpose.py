@@ -263,13 +263,14 @@ def test_train_cellpose_cli(monuseg, tmp_path, capsys):
         (folder / xml.name).symlink_to(xml)
     out = tmp_path / "m.pt"
     args = ["--quiet", "cells", "train-cellpose", "--monuseg", str(tmp_path / "monuseg"), "--out", str(out),
-            "--epochs", "1", "--images-per-epoch", "2", "--widths", "8,16,32,256"]
+            "--epochs", "1", "--images-per-epoch", "2", "--crop-px", "112", "--widths", "8,16,32,256"]
     assert main(args) == 0
     model = load_cellpose_model(out)
     assert model.widths == (8, 16, 32, 256) and 0.24 < model.mpp < 0.26  # the XMLs' MicronsPerPixel
     other = ["--out" if x == "--out" else str(tmp_path / "other.pt") if x == str(out) else x for x in args]
     for argv, msg in ((other[:-2] + ["--widths", "8,16"], "ending in 256"),
-                      (other[:-2] + ["--widths", "a,b"], "comma-separated"), (args, "already exists")):
+                      (other[:-2] + ["--widths", "a,b"], "comma-separated"),
+                      (other + ["--crop-px", "100"], "multiple of 16"), (args, "already exists")):
         capsys.readouterr()
         assert main(argv) == 2
         err = capsys.readouterr().err.strip().splitlines()
