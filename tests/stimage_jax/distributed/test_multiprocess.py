@@ -5,6 +5,7 @@ Orbax checkpoint to that same model. Features-only training on a tiny synthetic 
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -42,6 +43,14 @@ def _members(wd: Path) -> list[np.ndarray]:
             if not jax.dtypes.issubdtype(a.dtype, jax.dtypes.prng_key)]
 
 
+def _single_env(devices: int) -> dict:
+    """One process (no JAX_* distributed variables) with ``devices`` forced CPU devices."""
+    env = process_env(0, 1, "", devices)
+    for k in ("JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID"):
+        env.pop(k)
+    return env
+
+
 def _steps(wd: Path) -> list[int]:
     d = wd / "checkpoints" / "emb_emb" / "stacked"
     return sorted(int(p.name) for p in d.iterdir() if p.name.isdigit()) if d.is_dir() else []
@@ -52,11 +61,8 @@ def test_two_processes_equal_one_and_a_killed_run_resumes(feature_study, tmp_pat
     cfg = tmp_path / "cfg.py"
     cfg.write_text(CONFIG)
     one = tmp_path / "one"
-    env1 = process_env(0, 1, "", 4)
-    for k in ("JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID"):
-        env1.pop(k)
-    proc = subprocess.run([*CLI, *_train_cmd(feature_study, one, cfg)], env=env1, capture_output=True, text=True,
-                          timeout=300)
+    proc = subprocess.run([*CLI, *_train_cmd(feature_study, one, cfg)], env=_single_env(4), capture_output=True,
+                          text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
 
     two = tmp_path / "two"
@@ -157,10 +163,7 @@ def _stream_steps(wd: Path) -> list[int]:
 
 
 def _one_process(cmd, devices: int = 4):
-    env = process_env(0, 1, "", devices)
-    for k in ("JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID"):
-        env.pop(k)
-    proc = subprocess.run([*CLI, *cmd], env=env, capture_output=True, text=True, timeout=600)
+    proc = subprocess.run([*CLI, *cmd], env=_single_env(devices), capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
 
 
@@ -208,15 +211,10 @@ def test_two_processes_stream_a_dataset_each_its_own_rows_and_resume_mid_epoch(s
     # a checkpoint written by two processes is not resumed by one (its readers were per process)
     cut = tmp_path / "cut"
     cut.mkdir()
-    import shutil
-
     shutil.copytree(two / "checkpoints", cut / "checkpoints")
     shutil.copy(two / "request.json", cut / "request.json")
-    env = process_env(0, 1, "", 4)
-    for k in ("JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID"):
-        env.pop(k)
-    proc = subprocess.run([*CLI, *args, "--quiet", "--workdir", str(cut)], env=env, capture_output=True, text=True,
-                          timeout=300)
+    proc = subprocess.run([*CLI, *args, "--quiet", "--workdir", str(cut)], env=_single_env(4), capture_output=True,
+                          text=True, timeout=300)
     assert proc.returncode == 2 and proc.stderr.count("\n") == 1, proc.stderr[-2000:]
     assert "was written by 2 process(es), this run has 1: resume with 2" in proc.stderr
 
