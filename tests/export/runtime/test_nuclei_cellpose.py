@@ -20,8 +20,8 @@ from export.runtime.segmenters import SEGMENTERS, make_segmenter
 from stimage_jax.cells.instance_metrics import aji, dice
 from stimage_jax.cli import main
 
-# The cellpose extra (in dev) and `pip install --no-deps cellpose==3.1.1.3` (README, .ci/run): imported,
-# not importorskip'd, so a missing install fails here instead of passing as a skip.
+# The cellpose extra (in dev) and `pip install --no-deps cellpose==3.1.1.3` (README, .ci/run): imported
+# directly, so a missing install fails here loudly.
 import cellpose  # noqa: E402,F401
 import torch  # noqa: E402
 
